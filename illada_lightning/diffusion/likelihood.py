@@ -26,11 +26,18 @@ def mask_exactly(counts: torch.Tensor, length: int, generator: torch.Generator |
     return ranks < counts[:, None]
 
 
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def guided_log_probs(cond_logits: torch.Tensor, uncond_logits: torch.Tensor | None, cfg_scale: float) -> torch.Tensor:
-    """Unsupervised classifier-free guidance (LLaDA Eq. 16): p^(1+w) / p_uncond^w, renormalised."""
+    """Unsupervised classifier-free guidance (LLaDA Eq. 16): p^(1+w) / p_uncond^w, renormalised.
+
+    Computed in float32 at least (float64 stays float64)."""
+    cond = F.log_softmax(_upcast(cond_logits), dim=-1)
     if uncond_logits is None or cfg_scale == 0:
-        return F.log_softmax(cond_logits.float(), dim=-1)
-    mixed = (1 + cfg_scale) * F.log_softmax(cond_logits.float(), -1) - cfg_scale * F.log_softmax(uncond_logits.float(), -1)
+        return cond
+    mixed = (1 + cfg_scale) * cond - cfg_scale * F.log_softmax(_upcast(uncond_logits), dim=-1)
     return F.log_softmax(mixed, dim=-1)
 
 

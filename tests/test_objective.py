@@ -1,0 +1,143 @@
+"""The masked-diffusion loss (iLLaDA Eq. 1) and the forward process."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from illada_lightning import build_model
+from illada_lightning.diffusion.objective import (
+    DiffusionConfig,
+    diffusion_loss,
+    forward_process,
+    sample_mask_ratio,
+    weighted_diffusion_loss,
+)
+
+MASK = 3
+
+
+class FixedLogits(torch.nn.Module):
+    """A 'model' whose hidden state is a fixed per-position vector and whose LM head is the identity."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = torch.nn.Parameter(table)  # [L, V] logits per position
+        self.output_weight = torch.eye(table.shape[1])
+        self.seen = None
+
+    def hidden_states(self, ids, cu_seqlens=None, max_seqlen=None):
+        self.seen = ids.clone()
+        return self.table.expand(ids.shape[0], -1, -1)
+
+
+def test_loss_equals_hand_computation():
+    torch.manual_seed(0)
+    L, V = 4, 5
+    table = torch.randn(L, V)
+    model = FixedLogits(table)
+    ids = torch.tensor([[1, 4, 0, 2], [2, 2, 1, 0]])
+    t = torch.tensor([0.5, 0.25])
+    gen = torch.Generator().manual_seed(3)
+    out = diffusion_loss(model, ids, mask_token_id=MASK, t=t, generator=gen)
+    masked = out.masked
+    logp = F.log_softmax(table, -1)
+    expected = 0.0
+    for b in range(2):
+        row = sum(-logp[i, ids[b, i]].item() for i in range(L) if masked[b, i]) / t[b].item() / L
+        expected += row / 2
+    assert masked.any()
+    assert out.loss.item() == pytest.approx(expected, rel=1e-6)
+    # The model saw the mask token exactly at the masked positions and the clean tokens elsewhere.
+    assert torch.equal(model.seen, torch.where(masked, torch.full_like(ids, MASK), ids))
+
+
+def test_only_masked_positions_contribute():
+    torch.manual_seed(0)
+    table = torch.randn(6, 7)
+    ids = torch.randint(0, 7, (1, 6))
+    t = torch.tensor([0.5])
+    gen = torch.Generator().manual_seed(1)
+    base = diffusion_loss(FixedLogits(table), ids, mask_token_id=MASK, t=t, generator=gen)
+    changed = table.clone()
+    changed[~base.masked[0]] += 10 * torch.randn_like(changed[~base.masked[0]])
+    gen = torch.Generator().manual_seed(1)
+    again = diffusion_loss(FixedLogits(changed), ids, mask_token_id=MASK, t=t, generator=gen)
+    assert torch.equal(base.masked, again.masked)
+    assert again.loss.item() == pytest.approx(base.loss.item(), rel=1e-6)
+
+
+def test_one_over_t_weighting():
+    # Same masked set, t halved -> loss doubles.
+    table = torch.randn(5, 6)
+    ids = torch.randint(0, 6, (1, 5))
+    masked = torch.tensor([[True, False, True, True, False]])
+    nll = torch.rand(3)
+    eligible = torch.ones_like(masked)
+    a = weighted_diffusion_loss(nll, masked, torch.tensor([0.8]), eligible)
+    b = weighted_diffusion_loss(nll, masked, torch.tensor([0.4]), eligible)
+    assert b.item() == pytest.approx(2 * a.item())
+    assert a.item() == pytest.approx(nll.sum().item() / 0.8 / 5)
+    del table, ids
+
+
+def test_loss_is_unbiased_estimate_of_mean_token_nll_for_time_free_model():
+    # For a predictor whose output ignores the input, E_t,mask[1/t * sum_masked nll / L] = mean nll.
+    torch.manual_seed(0)
+    L, V = 8, 11
+    table = torch.randn(L, V)
+    ids = torch.randint(0, V, (4096, L))
+    out = diffusion_loss(FixedLogits(table), ids, mask_token_id=MASK, config=DiffusionConfig(stratified_t=True),
+                         generator=torch.Generator().manual_seed(0))
+    exact = -F.log_softmax(table, -1).gather(1, ids.T).T.mean()
+    assert out.loss.item() == pytest.approx(exact.item(), rel=0.05)
+
+
+def test_loss_mask_keeps_tokens_visible_and_normalises_by_eligible_count():
+    ids = torch.randint(4, 50, (2, 10))
+    loss_mask = torch.zeros(2, 10, dtype=torch.bool)
+    loss_mask[0, 6:] = True
+    loss_mask[1, 3:] = True
+    t = torch.ones(2)  # mask everything allowed
+    noisy, masked = forward_process(ids, t, MASK, loss_mask)
+    assert torch.equal(masked, loss_mask)
+    assert torch.equal(noisy[~loss_mask], ids[~loss_mask])
+    nll = torch.ones(int(masked.sum()))
+    # each row: sum(1/t)/n_eligible = 1 -> mean 1
+    assert weighted_diffusion_loss(nll, masked, t, loss_mask).item() == pytest.approx(1.0)
+
+
+def test_sample_mask_ratio_floor_and_stratification():
+    t = sample_mask_ratio(1000, eps=0.1, generator=torch.Generator().manual_seed(0))
+    assert t.min() >= 0.1 and t.max() <= 1.0
+    s = sample_mask_ratio(8, eps=0.0, stratified=True, generator=torch.Generator().manual_seed(0))
+    assert sorted(int(x * 8) for x in s) == list(range(8))  # one draw per stratum
+
+
+def test_mask_frequency_matches_t():
+    ids = torch.zeros(200, 500, dtype=torch.long)
+    t = torch.full((200,), 0.3)
+    _, masked = forward_process(ids, t, MASK, generator=torch.Generator().manual_seed(0))
+    p = masked.float().mean().item()
+    assert abs(p - 0.3) < 4 * math.sqrt(0.3 * 0.7 / masked.numel())
+
+
+def test_degenerate_batches_are_finite_and_backpropagate():
+    model = build_model("tiny", n_layers=1, d_model=32, n_heads=2, n_kv_heads=1, ffn_dim=64, vocab_size=40)
+    ids = torch.randint(4, 40, (2, 6))
+    for loss_mask in (torch.zeros(2, 6, dtype=torch.bool), None):  # nothing maskable / all masked (t=1)
+        out = diffusion_loss(model, ids, mask_token_id=MASK, loss_mask=loss_mask, t=torch.ones(2))
+        assert torch.isfinite(out.loss)
+        out.loss.backward()
+    one_token = diffusion_loss(model, ids[:, :1], mask_token_id=MASK, t=torch.ones(2))
+    assert torch.isfinite(one_token.loss) and one_token.n_masked.item() == 2
+
+
+def test_packed_batch_loss_runs_and_counts():
+    model = build_model("tiny", n_layers=1, d_model=32, n_heads=2, n_kv_heads=1, ffn_dim=64, vocab_size=40)
+    ids = torch.randint(4, 40, (2, 8))
+    cu = torch.tensor([0, 3, 8, 16], dtype=torch.int32)
+    out = diffusion_loss(model, ids, mask_token_id=MASK, cu_seqlens=cu, max_seqlen=8,
+                         generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(out.loss) and out.masked_fraction.item() == out.n_masked.item() / 16
