@@ -188,3 +188,22 @@ def test_config_validation_messages():
         get_preset("nope")
     with pytest.raises(TypeError, match="unknown model config"):
         build_model("tiny", layers=3)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "1b", "llada_8b", "illada_8b"])
+def test_analytic_non_embedding_params_match_the_model(preset):
+    from illada_lightning.model.flops import non_embedding_params
+
+    model = build_model(preset, device="meta")
+    assert non_embedding_params(model.config) == count_parameters(model)["non_embedding_params"]
+
+
+def test_training_flops_known_values():
+    from illada_lightning.model.flops import non_embedding_params, training_flops
+
+    cfg = get_preset("tiny")
+    n = non_embedding_params(cfg)
+    assert training_flops(cfg, [10], 0) == 6 * n * 10 + 12 * cfg.n_layers * cfg.d_model * 100
+    # packing two documents costs less attention than one document of the same total length
+    assert training_flops(cfg, [5, 5], 4) < training_flops(cfg, [10], 4)
+    assert training_flops(cfg, [10], 4) - training_flops(cfg, [10], 0) == 6 * cfg.vocab_size * cfg.d_model * 4

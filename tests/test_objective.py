@@ -12,7 +12,7 @@ from illada_lightning.diffusion.objective import (
     diffusion_loss,
     forward_process,
     sample_mask_ratio,
-    weighted_diffusion_loss,
+    masked_token_weights,
 )
 
 MASK = 3
@@ -75,8 +75,8 @@ def test_one_over_t_weighting():
     masked = torch.tensor([[True, False, True, True, False]])
     nll = torch.rand(3)
     eligible = torch.ones_like(masked)
-    a = weighted_diffusion_loss(nll, masked, torch.tensor([0.8]), eligible)
-    b = weighted_diffusion_loss(nll, masked, torch.tensor([0.4]), eligible)
+    a = (nll * masked_token_weights(masked, torch.tensor([0.8]), eligible)).sum()
+    b = (nll * masked_token_weights(masked, torch.tensor([0.4]), eligible)).sum()
     assert b.item() == pytest.approx(2 * a.item())
     assert a.item() == pytest.approx(nll.sum().item() / 0.8 / 5)
     del table, ids
@@ -105,7 +105,7 @@ def test_loss_mask_keeps_tokens_visible_and_normalises_by_eligible_count():
     assert torch.equal(noisy[~loss_mask], ids[~loss_mask])
     nll = torch.ones(int(masked.sum()))
     # each row: sum(1/t)/n_eligible = 1 -> mean 1
-    assert weighted_diffusion_loss(nll, masked, t, loss_mask).item() == pytest.approx(1.0)
+    assert (nll * masked_token_weights(masked, t, loss_mask)).sum().item() == pytest.approx(1.0)
 
 
 def test_sample_mask_ratio_floor_and_stratification():
@@ -141,3 +141,22 @@ def test_packed_batch_loss_runs_and_counts():
     out = diffusion_loss(model, ids, mask_token_id=MASK, cu_seqlens=cu, max_seqlen=8,
                          generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(out.loss) and out.masked_fraction.item() == out.n_masked.item() / 16
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_linear_cross_entropy_matches_reference_values_and_grads(dtype):
+    from illada_lightning.diffusion.cross_entropy import linear_cross_entropy, reference_linear_cross_entropy
+
+    torch.manual_seed(0)
+    h0, w0 = torch.randn(37, 16, dtype=dtype), torch.randn(50, 16)
+    tgt, tw = torch.randint(0, 50, (37,)), torch.rand(37)
+    results = []
+    for fn in (lambda h, w: linear_cross_entropy(h, w, tgt, tw, chunk_size=8),
+               lambda h, w: reference_linear_cross_entropy(h, w, tgt, tw)):
+        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        loss, nll = fn(h, w)
+        (3.0 * loss).backward()
+        results.append((loss.detach(), nll, h.grad.float(), w.grad))
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    for got, want in zip(*results):
+        torch.testing.assert_close(got.float(), want.float(), **tol)

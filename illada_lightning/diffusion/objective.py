@@ -11,7 +11,8 @@ per-token estimate of the NELBO (Eq. 1 / L); dividing by the number of *masked* 
 it. With `loss_mask` it is LLaDA Algorithm 2 / Appendix B.1's normalisation by answer length.
 
 Logits are computed only for masked positions (hidden states are gathered first), so unmasked positions
-never materialise a vocabulary-sized row.
+never materialise a vocabulary-sized row, and in chunks whose float32 logits are not kept for autograd
+(`cross_entropy.py`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+
+from .cross_entropy import linear_cross_entropy
 
 
 @dataclass
@@ -75,31 +77,16 @@ def forward_process(
     return torch.where(masked, torch.full_like(input_ids, mask_token_id), input_ids), masked
 
 
-def masked_token_nll(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 8192
-) -> torch.Tensor:
-    """-log p(target) for gathered hidden states [N, D] through the LM head [V, D], in float32 chunks."""
-    out = []
-    for start in range(0, hidden.shape[0], chunk_size):
-        logits = F.linear(hidden[start : start + chunk_size], weight).float()
-        out.append(F.cross_entropy(logits, targets[start : start + chunk_size], reduction="none"))
-    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+def masked_token_weights(masked: torch.Tensor, t: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
+    """Weight of each masked token (in `masked.nonzero()` order) in the Eq. 1 estimate.
 
-
-def weighted_diffusion_loss(
-    token_nll: torch.Tensor, masked: torch.Tensor, t: torch.Tensor, eligible: torch.Tensor
-) -> torch.Tensor:
-    """Eq. 1 estimate from per-masked-token NLLs (in `masked.nonzero()` order).
-
-    Row b contributes sum_i 1[masked] * nll_i / t_b divided by its eligible-token count; rows with no
-    eligible token are left out of the mean.
+    Token i of row b weighs 1 / (t_b * n_eligible_b * n_rows), n_rows counting rows with at least one
+    eligible token; the loss is sum_i weight_i * nll_i.
     """
-    row = masked.nonzero(as_tuple=True)[0]
-    per_row = torch.zeros(masked.shape[0], dtype=torch.float32, device=masked.device)
-    per_row.index_add_(0, row, token_nll / t.float()[row])
     n_eligible = eligible.sum(1).float()
-    has = n_eligible > 0
-    return (per_row[has] / n_eligible[has]).sum() / has.sum().clamp(min=1)
+    n_rows = (n_eligible > 0).sum().clamp(min=1)
+    row_weight = 1.0 / (t.float() * n_eligible.clamp(min=1) * n_rows)
+    return row_weight[masked.nonzero(as_tuple=True)[0]]
 
 
 def diffusion_loss(
@@ -125,10 +112,11 @@ def diffusion_loss(
                               device=input_ids.device)
     noisy, masked = forward_process(input_ids, t, mask_token_id, loss_mask, generator)
     hidden = model.hidden_states(noisy, cu_seqlens, max_seqlen)
-    nll = masked_token_nll(hidden[masked], model.output_weight, input_ids[masked], cfg.loss_chunk_size)
     eligible = torch.ones_like(masked) if loss_mask is None else loss_mask
-    loss = weighted_diffusion_loss(nll, masked, t, eligible)
-    if nll.numel() == 0:  # nothing masked: a zero that still reaches the parameters, so backward() works
-        loss = loss + 0.0 * hidden.sum()
+    # Nothing masked gives a zero loss that still reaches the parameters, so backward() works.
+    loss, _ = linear_cross_entropy(
+        hidden[masked], model.output_weight, input_ids[masked], masked_token_weights(masked, t, eligible),
+        cfg.loss_chunk_size,
+    )
     n_masked = masked.sum()
     return DiffusionLoss(loss, t, masked, n_masked, n_masked / eligible.sum().clamp(min=1))

@@ -129,6 +129,9 @@ def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype) ->
     return requested
 
 
+# Kept out of torch.compile graphs: the kernels are already fused, and their packing metadata (cu_seqlens,
+# max_seqlen) changes shape and value every batch, which would force recompilation.
+@torch.compiler.disable
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PackedLayout, backend: str) -> torch.Tensor:
     """q: [B, L, H, D]; k, v: [B, L, H_kv, D] -> [B, L, H, D]. `backend` must already be resolved."""
     B, L, H, D = q.shape

@@ -92,6 +92,14 @@ class MaskPredictor(nn.Module):
         """The [vocab, d_model] LM-head matrix (the embedding itself when tied)."""
         return self.embed.weight if self.lm_head is None else self.lm_head.weight
 
+    def compile_blocks(self, **compile_kwargs) -> MaskPredictor:
+        """torch.compile each Transformer block in place (norms, RoPE, projections and SwiGLU fuse; the
+        attention kernel stays eager). Per block rather than whole-model, so the loss's data-dependent
+        gather of masked positions and changing packing never trigger recompiles."""
+        for block in self.blocks:
+            block.compile(**compile_kwargs)
+        return self
+
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Normal(0, init_std) everywhere; residual output projections scaled by 1/sqrt(2 * n_layers)."""
