@@ -1,0 +1,222 @@
+"""Sampler speed: `diffusion.sampler.generate` against a straightforward LLaDA reference sampler.
+
+    python -m benchmarks.sampler_bench --preset small --batch-size 64 --gen-length 256 --steps 256 --block-length 32
+    python -m benchmarks.sampler_bench --preset 1b --batch-size 32 --gen-length 256 --steps 256 --block-length 32
+    python -m benchmarks.sampler_bench --device cpu --preset tiny        # CI smoke, a few seconds
+
+The reference (`reference_generate`, below) is LLaDA's published algorithm written plainly: one prompt at a
+time, a [1, prompt + gen_length] input, full-sequence logits every step, low-confidence remasking
+(Algorithm 5) inside the current block, a per-row top-k. Both sides use the same model and weights
+(random, with `--init-std` large enough that predictions are far from ties), greedy decoding, EOS disabled
+(`logits_eos_inf`, so every prompt does the full work) and the mask token never proposed.
+
+Outputs are compared first: exactly, in float32 (TF32 off), on `--check-prompts` prompts; then both are
+timed in `--dtype` (bf16 on GPU) and the bf16 token agreement is printed for information (bf16 rounding
+depends on batch shape, so near-ties may flip). tokens/s counts generated tokens; the reference is timed on
+`--ref-prompts` prompts and its rate applies per prompt (it is sequential). One JSON line per run (`--out`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import time
+from dataclasses import asdict
+
+import torch
+import torch.nn.functional as F
+
+from illada_lightning import build_model
+from illada_lightning.diffusion.sampler import generate
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except Exception:
+        return os.environ.get("GIT_COMMIT", "unknown")
+
+
+def environment(device: torch.device) -> dict:
+    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "commit": git_commit()}
+
+
+def timed(fn, device: torch.device) -> tuple[object, float]:
+    """(result, seconds), synchronising the device around the call."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return out, time.perf_counter() - start
+
+
+def precision_scope(device: torch.device, dtype: str):
+    if device.type == "cuda" and dtype == "bf16":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast(device.type, enabled=False)
+
+
+def set_exact_fp32(on: bool) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = not on
+    torch.backends.cudnn.allow_tf32 = not on
+
+
+def random_prompts(n: int, min_len: int, max_len: int, vocab: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(min_len, max_len + 1, (n,), generator=g)
+    return [torch.randint(16, vocab, (int(n_),), generator=g).tolist() for n_ in lengths]
+
+
+# --------------------------------------------------------------------------------------------------
+# The straightforward reference (LLaDA's published algorithm, one sequence at a time).
+
+
+@torch.no_grad()
+def reference_generate(model, prompt: list[int], *, steps: int, gen_length: int, block_length: int,
+                       cfg_scale: float, mask_id: int, eos_id: int) -> list[int]:
+    device = model.output_weight.device
+    P = len(prompt)
+    x = torch.full((1, P + gen_length), mask_id, dtype=torch.long, device=device)
+    x[0, :P] = torch.tensor(prompt, device=device)
+    n_blocks = gen_length // block_length
+    per_block = steps // n_blocks
+    for b in range(n_blocks):
+        hi = P + (b + 1) * block_length  # end of the current block
+        n_masked = block_length
+        schedule = [n_masked // per_block + (i < n_masked % per_block) for i in range(per_block)]
+        for k in schedule:
+            if cfg_scale:
+                uncond = x.clone()
+                uncond[0, :P] = mask_id
+                both = model(torch.cat([x, uncond])).float()
+                logits = (1 + cfg_scale) * both[:1].log_softmax(-1) - cfg_scale * both[1:].log_softmax(-1)
+            else:
+                logits = model(x).float()
+            logits[..., mask_id] = float("-inf")
+            logits[..., eos_id] = float("-inf")  # logits_eos_inf
+            x0 = logits.argmax(-1)
+            p = F.softmax(logits, dim=-1)
+            conf = p.gather(-1, x0[..., None]).squeeze(-1)
+            conf[:, hi:] = float("-inf")  # never beyond the current block
+            masked = x == mask_id
+            conf = torch.where(masked, conf, float("-inf"))
+            x0 = torch.where(masked, x0, x)
+            for row in range(x.shape[0]):  # per-row top-k, as published
+                idx = torch.topk(conf[row], k).indices
+                x[row, idx] = x0[row, idx]
+    return x[0, P:].tolist()
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def run(args) -> dict:
+    device = torch.device(args.device)
+    model = build_model(args.preset, device=device, init_std=args.init_std).eval()
+    cfg = model.config
+    opts = dict(steps=args.steps, gen_length=args.gen_length, block_length=args.block_length,
+                cfg_scale=args.cfg_scale, logits_eos_inf=True)
+    ref_opts = dict(steps=args.steps, gen_length=args.gen_length, block_length=args.block_length or args.gen_length,
+                    cfg_scale=args.cfg_scale, mask_id=cfg.mask_token_id, eos_id=cfg.eos_token_id)
+    prompts = random_prompts(args.batch_size, args.min_prompt, args.max_prompt, cfg.vocab_size, args.seed)
+
+    # 1. Identical outputs, in exact float32.
+    set_exact_fp32(True)
+    check = prompts[: args.check_prompts]
+    fast_check = generate(model, check, precision="fp32", **opts)
+    ref_check = [reference_generate(model, p, **ref_opts) for p in check]
+    identical = fast_check == ref_check
+    if not identical and not args.allow_mismatch:
+        raise SystemExit(f"outputs differ from the reference in float32: {fast_check} vs {ref_check}")
+    set_exact_fp32(False)
+
+    # 2. Timing in the benchmark precision.
+    if args.dtype == "bf16" and device.type == "cuda":
+        model = model.to(torch.bfloat16)
+    precision = "bf16" if args.dtype == "bf16" else "fp32"
+    generate(model, prompts[:2], precision=precision, **opts)  # warm-up
+    fast_out, fast_s = timed(lambda: generate(model, prompts, precision=precision, **opts), device)
+    ref_prompts = prompts[: args.ref_prompts]
+    with precision_scope(device, args.dtype):
+        reference_generate(model, ref_prompts[0], **ref_opts)  # warm-up
+        ref_out, ref_s = timed(lambda: [reference_generate(model, p, **ref_opts) for p in ref_prompts], device)
+    agree = sum(a == b for f, r in zip(fast_out, ref_out) for a, b in zip(f, r))
+    fast_tps = len(prompts) * args.gen_length / fast_s
+    ref_tps = len(ref_prompts) * args.gen_length / ref_s
+    return {
+        "bench": "sampler", "preset": args.preset, "batch_size": args.batch_size,
+        "prompt_len": [args.min_prompt, args.max_prompt], "gen_length": args.gen_length, "steps": args.steps,
+        "block_length": args.block_length or args.gen_length, "cfg_scale": args.cfg_scale, "dtype": args.dtype,
+        "identical_fp32": identical, "check_prompts": len(check),
+        "timed_agreement": agree / max(1, len(ref_prompts) * args.gen_length),
+        "fast_s": fast_s, "ref_s": ref_s, "ref_prompts": len(ref_prompts),
+        "fast_tokens_per_s": fast_tps, "ref_tokens_per_s": ref_tps, "speedup": fast_tps / ref_tps,
+        "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        **environment(device), "model": asdict(cfg),
+    }
+
+
+def print_table(rows: list[dict], title: str) -> None:
+    print(f"\n{title}")
+    print(f"{'config':44} {'identical':>9} {'fast tok/s':>11} {'ref tok/s':>10} {'ratio':>7}")
+    for r in rows:
+        name = (f"{r['preset']} B={r['batch_size']} gen={r['gen_length']} steps={r['steps']} "
+                f"blk={r['block_length']} cfg={r['cfg_scale']}")
+        print(f"{name:44} {str(r['identical_fp32']):>9} {r['fast_tokens_per_s']:11.1f} "
+              f"{r['ref_tokens_per_s']:10.1f} {r['speedup']:6.1f}x")
+
+
+PRESET_DEFAULTS = {
+    "tiny": dict(batch_size=4, gen_length=8, steps=8, block_length=4, min_prompt=4, max_prompt=12, ref_prompts=1),
+    "small": dict(batch_size=64, gen_length=256, steps=256, block_length=32, min_prompt=32, max_prompt=256,
+                  ref_prompts=4),
+    "1b": dict(batch_size=32, gen_length=256, steps=256, block_length=32, min_prompt=64, max_prompt=512,
+               ref_prompts=2),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESET_DEFAULTS))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, choices=["bf16", "fp32"], help="timing precision (bf16 on GPU)")
+    for key in ("batch_size", "gen_length", "steps", "block_length", "min_prompt", "max_prompt", "ref_prompts"):
+        p.add_argument("--" + key.replace("_", "-"), type=int, default=None)
+    p.add_argument("--cfg-scale", type=float, default=[0.0], nargs="+", help="one run per value")
+    p.add_argument("--check-prompts", type=int, default=2)
+    p.add_argument("--init-std", type=float, default=0.2, help="random weights far from ties")
+    p.add_argument("--allow-mismatch", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="append one JSON line per run to this file")
+    args = p.parse_args(argv)
+    for key, value in PRESET_DEFAULTS[args.preset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.dtype is None:
+        args.dtype = "bf16" if args.device.startswith("cuda") else "fp32"
+    return args
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    rows = []
+    for cfg_scale in args.cfg_scale:
+        args_i = argparse.Namespace(**{**vars(args), "cfg_scale": cfg_scale})
+        row = run(args_i)
+        rows.append(row)
+        line = json.dumps(row)
+        print(line)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(line + "\n")
+    print_table(rows, f"sampler vs LLaDA reference ({rows[0]['device']}, {args.dtype})")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

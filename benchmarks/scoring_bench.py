@@ -1,0 +1,211 @@
+"""Multiple-choice scoring speed: `diffusion.scoring.score_batch` against straightforward references.
+
+    python -m benchmarks.scoring_bench --preset small --questions 64
+    python -m benchmarks.scoring_bench --preset 1b --questions 32 --mc-samples 128
+    python -m benchmarks.scoring_bench --device cpu --preset tiny        # CI smoke, a few seconds
+
+References, written plainly, one candidate at a time with full-sequence logits:
+- confidence (iLLaDA Eq. 2): L forwards of [1, context + candidate], each revealing the ground-truth token at
+  the most confident masked position;
+- likelihood (LLaDA Eq. 6 / Algorithm 3, as in LLaDA's released evaluation code): `mc_samples` masked copies
+  per candidate in groups of `mc_batch_size`, stratified mask counts, cross-entropy at the masked positions.
+
+Checks before timing (float32, TF32 off): confidence scores equal the reference (to 1e-4); likelihood scores
+of one-token candidates equal it exactly (the estimate is deterministic there) and multi-token ones agree
+within 5 combined standard errors (both are Monte-Carlo estimates with different random masks).
+Throughput is candidate tokens scored per second; the reference is timed on `--ref-questions` questions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import asdict
+
+import torch
+import torch.nn.functional as F
+
+from illada_lightning import build_model
+from illada_lightning.diffusion.likelihood import mask_exactly, stratified_mask_counts
+from illada_lightning.diffusion.scoring import score_batch
+
+from .sampler_bench import environment, precision_scope, set_exact_fp32, timed
+
+
+def random_items(n: int, ctx_range, cand_range, n_choices: int, vocab: int, seed: int, single_token=False):
+    g = torch.Generator().manual_seed(seed)
+
+    def ids(lo, hi):
+        return torch.randint(16, vocab, (int(torch.randint(lo, hi + 1, (1,), generator=g)),), generator=g).tolist()
+
+    return [(ids(*ctx_range), [ids(1, 1) if single_token else ids(*cand_range) for _ in range(n_choices)])
+            for _ in range(n)]
+
+
+@torch.no_grad()
+def reference_confidence(model, context, candidate, mask_id) -> float:
+    device = model.output_weight.device
+    P, L = len(context), len(candidate)
+    x = torch.tensor([list(context) + [mask_id] * L], device=device)
+    target = torch.tensor(candidate, device=device)
+    total = 0.0
+    for _ in range(L):
+        logp = model(x).float().log_softmax(-1)[0, P:]
+        tgt = logp.gather(-1, target[:, None]).squeeze(-1)
+        tgt = torch.where(x[0, P:] == mask_id, tgt, float("-inf"))
+        i = int(tgt.argmax())
+        total += float(tgt[i])
+        x[0, P + i] = target[i]
+    return total
+
+
+@torch.no_grad()
+def reference_likelihood(model, context, candidate, mask_id, mc_samples, mc_batch_size, generator):
+    """(mean, per-sample values) of LLaDA Eq. 6 for one candidate."""
+    device = model.output_weight.device
+    P, L = len(context), len(candidate)
+    full = torch.tensor(list(context) + list(candidate), device=device)
+    n_total = 1 if L == 1 else mc_samples
+    values = []
+    for done in range(0, n_total, mc_batch_size):
+        n = min(mc_batch_size, n_total - done)
+        counts = stratified_mask_counts(n, L, generator)
+        masked = torch.zeros(n, P + L, dtype=torch.bool, device=device)
+        masked[:, P:] = mask_exactly(counts, L, generator).to(device)
+        x = torch.where(masked, mask_id, full.expand(n, -1))
+        logits = model(x).float()
+        nll = F.cross_entropy(logits[masked], full.expand(n, -1)[masked], reduction="none")
+        row = masked.nonzero()[:, 0]
+        per_row = torch.zeros(n, device=device).index_add_(0, row, -nll)
+        values.append((per_row * L / counts.to(device)).double().cpu())
+    v = torch.cat(values)
+    return float(v.mean()), v
+
+
+def run(args, rule: str) -> dict:
+    device = torch.device(args.device)
+    model = build_model(args.preset, device=device, init_std=args.init_std).eval()
+    cfg = model.config
+    mask_id = cfg.mask_token_id
+    items = random_items(args.questions, (args.min_context, args.max_context), (1, args.max_candidate),
+                         args.choices, cfg.vocab_size, args.seed)
+    opts = dict(mc_samples=args.mc_samples, mc_batch_size=args.mc_batch_size,
+                max_tokens_per_batch=args.max_tokens_per_batch)
+    gen = torch.Generator().manual_seed(args.seed)
+
+    # 1. Correctness against the reference, in exact float32.
+    set_exact_fp32(True)
+    check = items[: args.check_questions]
+    fast = score_batch(model, check, rule, precision="fp32", seed=args.seed, **opts)
+    details = {}
+    if rule == "confidence":
+        ref = [torch.tensor([reference_confidence(model, c, y, mask_id) for y in ys], dtype=torch.float64)
+               for c, ys in check]
+        ok = all(torch.allclose(f, r, atol=1e-4, rtol=1e-5) for f, r in zip(fast, ref))
+        details["max_abs_diff"] = max(float((f - r).abs().max()) for f, r in zip(fast, ref))
+    else:
+        single = random_items(args.check_questions, (args.min_context, args.max_context), (1, 1), args.choices,
+                              cfg.vocab_size, args.seed + 1, single_token=True)
+        f1 = score_batch(model, single, rule, precision="fp32", **opts)
+        r1 = [torch.tensor([reference_likelihood(model, c, y, mask_id, 1, 1, gen)[0] for y in ys],
+                           dtype=torch.float64) for c, ys in single]
+        exact_ok = all(torch.allclose(a, b, atol=1e-4, rtol=1e-5) for a, b in zip(f1, r1))
+        z = []
+        for (c, ys), f in zip(check, fast):
+            for y, fv in zip(ys, f.tolist()):
+                mean, v = reference_likelihood(model, c, y, mask_id, args.mc_samples, args.mc_batch_size, gen)
+                se = math.sqrt(2 * float(v.var()) / len(v)) if len(v) > 1 else 0.0
+                z.append(abs(fv - mean) / se if se > 0 else (0.0 if abs(fv - mean) < 1e-4 else math.inf))
+        ok = exact_ok and max(z) < 5
+        details.update(single_token_exact=exact_ok, max_z=max(z))
+    if not ok and not args.allow_mismatch:
+        raise SystemExit(f"{rule}: scores differ from the reference: {details}")
+    set_exact_fp32(False)
+
+    # 2. Timing.
+    if args.dtype == "bf16" and device.type == "cuda":
+        model = model.to(torch.bfloat16)
+    precision = "bf16" if args.dtype == "bf16" else "fp32"
+    score_batch(model, items[:2], rule, precision=precision, seed=args.seed, **opts)  # warm-up
+    _, fast_s = timed(lambda: score_batch(model, items, rule, precision=precision, seed=args.seed, **opts), device)
+    ref_items = items[: args.ref_questions]
+    with precision_scope(device, args.dtype):
+        if rule == "confidence":
+            fn = lambda: [[reference_confidence(model, c, y, mask_id) for y in ys] for c, ys in ref_items]  # noqa: E731
+        else:
+            fn = lambda: [[reference_likelihood(model, c, y, mask_id, args.mc_samples, args.mc_batch_size, gen)  # noqa: E731
+                           for y in ys] for c, ys in ref_items]
+        _, ref_s = timed(fn, device)
+    n_tokens = sum(len(y) for _, ys in items for y in ys)
+    n_ref_tokens = sum(len(y) for _, ys in ref_items for y in ys)
+    fast_tps, ref_tps = n_tokens / fast_s, n_ref_tokens / ref_s
+    return {
+        "bench": "scoring", "rule": rule, "preset": args.preset, "questions": args.questions,
+        "choices": args.choices, "context_len": [args.min_context, args.max_context],
+        "max_candidate": args.max_candidate, "mc_samples": args.mc_samples if rule == "likelihood" else None,
+        "dtype": args.dtype, "identical": ok, **details, "fast_s": fast_s, "ref_s": ref_s,
+        "ref_questions": len(ref_items), "fast_tokens_per_s": fast_tps, "ref_tokens_per_s": ref_tps,
+        "speedup": fast_tps / ref_tps,
+        "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        **environment(device), "model": asdict(cfg),
+    }
+
+
+PRESET_DEFAULTS = {
+    "tiny": dict(questions=3, min_context=4, max_context=12, max_candidate=4, ref_questions=1, mc_samples=8,
+                 mc_batch_size=8),
+    "small": dict(questions=64, min_context=32, max_context=256, max_candidate=24, ref_questions=4,
+                  mc_samples=128, mc_batch_size=32),
+    "1b": dict(questions=32, min_context=64, max_context=512, max_candidate=24, ref_questions=2,
+               mc_samples=128, mc_batch_size=32),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESET_DEFAULTS))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, choices=["bf16", "fp32"])
+    p.add_argument("--rules", nargs="+", default=["confidence", "likelihood"], choices=["confidence", "likelihood"])
+    for key in PRESET_DEFAULTS["tiny"]:
+        p.add_argument("--" + key.replace("_", "-"), type=int, default=None)
+    p.add_argument("--choices", type=int, default=4)
+    p.add_argument("--check-questions", type=int, default=1)
+    p.add_argument("--max-tokens-per-batch", type=int, default=65536)
+    p.add_argument("--init-std", type=float, default=0.2)
+    p.add_argument("--allow-mismatch", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="append one JSON line per run to this file")
+    args = p.parse_args(argv)
+    for key, value in PRESET_DEFAULTS[args.preset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.dtype is None:
+        args.dtype = "bf16" if args.device.startswith("cuda") else "fp32"
+    return args
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    rows = []
+    for rule in args.rules:
+        row = run(args, rule)
+        rows.append(row)
+        line = json.dumps(row)
+        print(line)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(line + "\n")
+    print(f"\nscoring vs reference ({rows[0]['device']}, {args.dtype})")
+    print(f"{'config':40} {'identical':>9} {'fast tok/s':>11} {'ref tok/s':>10} {'ratio':>7}")
+    for r in rows:
+        name = f"{r['rule']} {r['preset']} Q={r['questions']}x{r['choices']}" + (
+            f" mc={r['mc_samples']}" if r["mc_samples"] else "")
+        print(f"{name:40} {str(r['identical']):>9} {r['fast_tokens_per_s']:11.1f} {r['ref_tokens_per_s']:10.1f} "
+              f"{r['speedup']:6.1f}x")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
