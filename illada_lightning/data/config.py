@@ -7,7 +7,6 @@ Relative file paths are resolved against the working directory first, then again
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 FORMATS = ("auto", "text", "jsonl", "parquet")
 TEXT_UNITS = ("auto", "paragraph", "file", "wikitext")
@@ -30,7 +29,7 @@ def _check_max_seq_len(section: str, max_seq_len: int | None) -> None:
 
 @dataclass
 class TokenizerConfig:
-    path: Optional[str] = None  # a saved tokenizer.json (or its directory); None = train one
+    path: str | None = None  # a saved tokenizer.json (or its directory); None = train one
     vocab_size: int = 4096  # for training; includes the 9 special tokens
     train_files: list[str] = field(default_factory=list)  # [] = the pretraining corpus files
 
@@ -49,8 +48,8 @@ class DataConfig:
     format: str = "auto"  # auto (by extension) | text | jsonl | parquet
     text_field: str = "text"  # the record field holding a document (jsonl, parquet, hub)
     text_unit: str = "auto"  # text files: auto | paragraph | file | wikitext (see corpus.split_text_documents)
-    hub_name: Optional[str] = None  # a `datasets` hub name; replaces the files (online use only)
-    max_seq_len: Optional[int] = None  # None = model.max_seq_len
+    hub_name: str | None = None  # a `datasets` hub name; replaces the files (online use only)
+    max_seq_len: int | None = None  # None = model.max_seq_len
     p_split: float = 0.3  # random-length training: probability of splitting a row in two (iLLaDA §2.1)
     cache_dir: str = ".cache/illada"
     num_workers: int = 0
@@ -75,7 +74,7 @@ class SFTDataConfig:
     val_files: list[str] = field(default_factory=lambda: ["data/instruct/valid.jsonl"])
     masking: str = "whole_window"  # iLLaDA §2.2 | response_only (LLaDA §2.3 baseline)
     p_split: float = 0.3  # random-length training, whole_window only
-    max_seq_len: Optional[int] = None  # None = model.max_seq_len
+    max_seq_len: int | None = None  # None = model.max_seq_len
     multi_turn_split: bool = True  # response_only: an n-turn dialogue gives n pairs (LLaDA B.1)
     cache_dir: str = ".cache/illada"
     num_workers: int = 0

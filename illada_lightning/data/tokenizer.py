@@ -133,13 +133,37 @@ def train_tokenizer_from_iterator(texts: Iterable[str], vocab_size: int) -> Toke
     return Tokenizer(tok)
 
 
-def train_tokenizer(files: list[str], vocab_size: int) -> Tokenizer:
+def train_tokenizer(files: list[str], vocab_size: int, *, fmt: str = "auto", text_field: str = "text") -> Tokenizer:
     """Train on corpus files (text, jsonl or parquet, read as documents by `corpus.read_documents`)."""
-    from illada_lightning.data.corpus import read_documents  # corpus imports this module
+    from illada_lightning.data.corpus import read_documents  # corpus imports nothing from here; avoid a cycle
 
-    docs = read_documents(files)
-    log.info("training a %d-token byte-level BPE on %d documents from %s", vocab_size, len(docs), files)
+    docs = read_documents(files, fmt, text_field)
+    log.info("training a %d-token byte-level BPE on %d documents from %s", vocab_size, len(docs), list(files))
     return train_tokenizer_from_iterator(docs["text"], vocab_size)
+
+
+def build_tokenizer(
+    cfg, corpus_files: Sequence[str], *, fmt: str = "auto", text_field: str = "text",
+    cache_dir: str | Path | None = ".cache/illada",
+) -> Tokenizer:
+    """The tokenizer a run uses (`cfg` is a `TokenizerConfig`): loaded from `cfg.path`, or trained on
+    `cfg.train_files` (default: `corpus_files`) and cached by the files' content hashes and vocab size."""
+    from illada_lightning.data.corpus import cache_key, check_data_file, file_hash, resolve_data_path
+
+    if cfg.path:
+        return Tokenizer.load(resolve_data_path(cfg.path))
+    files = list(cfg.train_files or corpus_files)
+    paths = [check_data_file(f) for f in files]
+    cached = None
+    if cache_dir is not None:
+        key = cache_key("tokenizer", str(cfg.vocab_size), fmt, text_field, *(file_hash(p) for p in paths))
+        cached = Path(cache_dir) / f"tokenizer-{key}"
+        if (cached / TOKENIZER_FILE).is_file():
+            return Tokenizer.load(cached)
+    tokenizer = train_tokenizer([str(p) for p in paths], cfg.vocab_size, fmt=fmt, text_field=text_field)
+    if cached is not None:
+        tokenizer.save(cached)
+    return tokenizer
 
 
 def check_tokenizer_compatible(tokenizer: Tokenizer, model_cfg) -> None:
