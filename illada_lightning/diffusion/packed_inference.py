@@ -59,16 +59,10 @@ def cu_seqlens_from_lengths(lengths: torch.Tensor) -> torch.Tensor:
     return F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
 
 
-def pack_sequences(
-    sources: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat gather index for the concatenation of `sources[starts[i] : starts[i] + lengths[i]]`.
-
-    Host tensors in, host tensors out (index [T], sequence id of each token [T]); no device sync.
-    """
+def segment_positions(lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For packed sequences of host `lengths` [n]: (sequence id [T], offset inside its sequence [T])."""
     seq = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
-    local = torch.arange(int(lengths.sum())) - cu_seqlens_from_lengths(lengths).long()[seq]
-    return starts[seq] + local, seq
+    return seq, torch.arange(int(lengths.sum())) - cu_seqlens_from_lengths(lengths).long()[seq]
 
 
 def _features(model, ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int):
