@@ -10,7 +10,6 @@ and sweeps. Key names are the papers' words and the argument names of the functi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 SCORING_RULES = ("confidence", "likelihood")
 REMASKING = ("low_confidence", "random")
@@ -26,17 +25,17 @@ class EvalConfig:
     mc_batch_size: int = 32
     cfg_scale: float = 0.0
     # First `limit` examples of each task (None: all), as lm-evaluation-harness does.
-    limit: Optional[int] = None
+    limit: int | None = None
     seed: int = 1234
     # Few-shot examples per prompt: `num_fewshot` for every task (None: each task's own default),
     # `fewshot.<task>=k` for one task.
-    num_fewshot: Optional[int] = None
+    num_fewshot: int | None = None
     fewshot: dict[str, int] = field(default_factory=dict)
     # Questions per scorer call / prompts per sampler call.
     batch_size: int = 16
     # Prompts through the tokenizer's chat template (instruct models). None: each task's default
     # (the synthetic instruction task uses the template, the benchmarks use plain text).
-    chat_template: Optional[bool] = None
+    chat_template: bool | None = None
     # Generation tasks (iLLaDA §2.3 and Appendix A: block length 32; variable length for open-ended answers).
     gen_length: int = 256
     block_length: int = 32
@@ -44,7 +43,8 @@ class EvalConfig:
     remasking: str = "low_confidence"
     temperature: float = 0.0
     variable_length: bool = False
-    max_new_tokens: int = 512
+    max_new_tokens: int = 512  # variable_length only: the generation budget
+    confidence_eos_inf: bool = False  # LLaDA B.4: EOS revealed last (instruct models on GSM8K)
     # Per-task data files: `data.<task>=<path>` replaces the task's default path.
     data: dict[str, str] = field(default_factory=dict)
     # Generated tasks.
@@ -52,12 +52,13 @@ class EvalConfig:
     cloze_choices: int = 4  # true continuation + (cloze_choices - 1) distractors
     cloze_context_words: int = 48
     cloze_continuation_words: int = 8
-    synthetic_items: int = 500
-    # Per-epoch callback: every N epochs, on a fixed random subset of `subset_size` examples per task.
+    # Per-epoch callback (`evaluation.callback.PerEpochEvaluation`, attached to SFT when `per_epoch` is true):
+    # every N epochs, on a fixed random subset of `subset_size` examples per task.
+    per_epoch: bool = False
     every_n_epochs: int = 1
-    subset_size: Optional[int] = 200
+    subset_size: int | None = 200
     # Where results.json and the per-example JSONL files go (None: next to the checkpoint).
-    out: Optional[str] = None
+    out: str | None = None
 
     def fewshot_for(self, task: str, task_default: int) -> int:
         if task in self.fewshot:
@@ -74,7 +75,7 @@ class EvalConfig:
         need(self.remasking in REMASKING, f"remasking={self.remasking!r} is not one of {REMASKING}")
         for key in ("mc_samples", "mc_batch_size", "batch_size", "gen_length", "block_length", "steps",
                     "max_new_tokens", "every_n_epochs", "cloze_items", "cloze_context_words",
-                    "cloze_continuation_words", "synthetic_items"):
+                    "cloze_continuation_words"):
             need(getattr(self, key) >= 1, f"{key} must be >= 1, got {getattr(self, key)}")
         need(self.cloze_choices >= 2, f"cloze_choices must be >= 2, got {self.cloze_choices}")
         need(self.cfg_scale >= 0, f"cfg_scale must be >= 0, got {self.cfg_scale}")
@@ -94,7 +95,16 @@ class EvalConfig:
         return self
 
     def sampler_options(self) -> dict:
-        """Keyword arguments for `generate(model, prompts, **options)`."""
-        return dict(steps=self.steps, gen_length=self.gen_length, block_length=self.block_length,
-                    remasking=self.remasking, temperature=self.temperature, cfg_scale=self.cfg_scale,
-                    variable_length=self.variable_length, max_new_tokens=self.max_new_tokens)
+        """Keyword arguments for `generate(model, prompts, **options)` (see `diffusion.sampler.SamplerConfig`)."""
+        options = dict(steps=self.steps, gen_length=self.gen_length, block_length=self.block_length,
+                       remasking=self.remasking, temperature=self.temperature, cfg_scale=self.cfg_scale,
+                       variable_length=self.variable_length, confidence_eos_inf=self.confidence_eos_inf,
+                       seed=self.seed)
+        if self.variable_length:
+            options["max_new_tokens"] = self.max_new_tokens
+        return options
+
+    @property
+    def generation_budget(self) -> int:
+        """Most tokens one answer may take (room to leave after the prompt)."""
+        return self.max_new_tokens if self.variable_length else self.gen_length

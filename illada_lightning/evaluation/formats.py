@@ -17,11 +17,13 @@ Adapted = tuple[str, list[str], int]
 
 def hellaswag_preprocess(text: str) -> str:
     """lm-evaluation-harness's cleaning of HellaSwag's WikiHow artefacts: ' [title]' becomes '. ', other
-    bracketed tokens such as '[header]' or '[step]' are dropped, and the double spaces they leave collapse."""
+    bracketed tokens such as '[header]' or '[step]' are dropped, and the double spaces they leave collapse.
+    Unlike the harness we also strip the result, so an ending that began with '[step]' does not start with a
+    space (which would give two spaces after the continuation delimiter)."""
     text = text.strip()
     text = text.replace(" [title]", ". ")
     text = re.sub(r"\[.*?\]", "", text)
-    return text.replace("  ", " ")
+    return text.replace("  ", " ").strip()
 
 
 def hellaswag(record: Record) -> Adapted:

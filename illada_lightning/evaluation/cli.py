@@ -1,0 +1,203 @@
+"""The evaluation command behind `python -m experiments.evaluate ckpt=... tasks=[...] key=value ...`.
+
+Loads the checkpoint (`training.checkpoint.load_checkpoint`), evaluates, prints a table, writes
+`results.json` (task -> metrics with standard errors) and `eval_config.json` into `out=` (default:
+`<checkpoint directory>/eval/`) beside the per-example `<task>.examples.jsonl` files (re-running the same
+command resumes from them), and logs `eval/<task>/<metric>` to MLflow in a new run linked to the training
+run that produced the checkpoint (nested under its stage's run, found through the run directory's
+`mlflow_runs.json`; see `log_to_mlflow`), or a new run tagged with the checkpoint path.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+
+from illada_lightning.config import ConfigError, load_config
+
+from .config import EvalConfig
+from .runner import evaluate
+
+log = logging.getLogger(__name__)
+MLFLOW_RUNS_FILE = "mlflow_runs.json"
+
+
+@dataclass
+class EvaluateConfig(EvalConfig):
+    ckpt: str | None = None  # run directory, stage directory, model.pt or .ckpt (see load_checkpoint)
+    device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
+    mlflow: bool = True
+    tracking_uri: str | None = None  # None: the checkpoint's own run store, else MLflow's default
+    experiment_name: str = "illada-lightning"
+
+    def validate(self) -> EvaluateConfig:
+        super().validate()
+        if not self.ckpt:
+            raise ValueError("ckpt=PATH is required (a run directory or a checkpoint file)")
+        return self
+
+
+def parse_args(argv: list[str]) -> EvaluateConfig:
+    """`key=value` overrides; `config=FILE.yaml` first loads a YAML file."""
+    yaml_path = None
+    overrides = []
+    for arg in argv:
+        if arg.startswith("config="):
+            yaml_path = arg.split("=", 1)[1]
+        else:
+            overrides.append(arg)
+    return load_config(EvaluateConfig, yaml_path, overrides)
+
+
+def output_dir(cfg: EvaluateConfig) -> Path:
+    if cfg.out:
+        return Path(cfg.out)
+    ckpt = Path(cfg.ckpt)
+    return (ckpt if ckpt.is_dir() else ckpt.parent) / "eval"
+
+
+def resolve_device(name: str) -> torch.device:
+    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
+
+
+def format_table(results: dict[str, dict[str, float]]) -> str:
+    """One row per task: main metric ± standard error, the other metrics, n and seconds."""
+    rows = [("task", "metric", "value", "± stderr", "n", "seconds")]
+    for task, metrics in results.items():
+        for name, value in metrics.items():
+            if name.endswith("_stderr") or name in ("n", "seconds"):
+                continue
+            rows.append((task, name, f"{value:.4f}", f"{metrics.get(name + '_stderr', float('nan')):.4f}",
+                         f"{int(metrics.get('n', 0))}", f"{metrics.get('seconds', 0):.1f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def write_results(results: dict, cfg: EvaluateConfig, out: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "results.json"
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    (out / "eval_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    return path
+
+
+def find_training_run(ckpt: str | Path) -> tuple[str | None, str | None]:
+    """(run id, tracking URI) of the MLflow run that trained `ckpt`; (None, None) if unknown.
+
+    Training (`training/tracking.py`) keeps `{"parent": id, "pretrain": id, "sft": id}` in
+    `<run_dir>/mlflow_runs.json` and its config in `<run_dir>/config.yaml`; the store is
+    `mlflow.tracking_uri` there, else `sqlite:///<runs_root>/mlflow.db`. The checkpoint's stage (`sft` or
+    `pretrain` in its path; else the most trained stage) picks the run."""
+    path = Path(ckpt).resolve()
+    for run_dir in [path, *path.parents][:5]:
+        runs_file = run_dir / MLFLOW_RUNS_FILE
+        if not runs_file.is_file():
+            continue
+        runs = json.loads(runs_file.read_text())
+        stage = next((s for s in ("sft", "pretrain") if s in path.relative_to(run_dir).parts), None)
+        run_id = runs.get(stage) if stage else (runs.get("sft") or runs.get("pretrain"))
+        return run_id, training_store(run_dir)
+    return None, None
+
+
+def training_store(run_dir: Path) -> str | None:
+    config_file = run_dir / "config.yaml"
+    if not config_file.is_file():
+        return None
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.load(config_file)
+    uri = OmegaConf.select(config, "mlflow.tracking_uri")
+    if uri:
+        return str(uri)
+    runs_root = Path(OmegaConf.select(config, "runs_root") or run_dir.parent)
+    for root in (runs_root.resolve(), run_dir.parent):  # relative to where training ran, or the run's parent
+        if (root / "mlflow.db").is_file():
+            return f"sqlite:///{root / 'mlflow.db'}"
+    return None
+
+
+def log_to_mlflow(results: dict, cfg: EvaluateConfig, out: Path) -> str:
+    """Log one evaluation run: params (the eval config), `eval/<task>/<metric>`, and the outputs folder as
+    artifacts under `eval/`. When the checkpoint's training run is found, the evaluation run is nested under
+    it (`mlflow.parentRunId`, in its experiment), so the MLflow UI shows it with the training run while the
+    training run's own per-epoch `eval/*` curves stay unmixed; each evaluation (say, one per scoring rule)
+    is its own run with its own params. Returns the evaluation run's id."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from illada_lightning.config import flatten
+
+    training_run, store = find_training_run(cfg.ckpt)
+    uri = cfg.tracking_uri or store
+    if uri:
+        mlflow.set_tracking_uri(uri)
+    tags = {"illada.checkpoint": str(Path(cfg.ckpt).resolve()), "illada.eval.tasks": ",".join(cfg.tasks)}
+    experiment_id = None
+    if training_run is not None:
+        try:
+            experiment_id = MlflowClient().get_run(training_run).info.experiment_id
+            tags["mlflow.parentRunId"] = training_run
+        except Exception:  # the store moved or was not found: keep the link as a tag
+            log.warning("training run %s not found in %s; the evaluation run is linked by tag only", training_run, uri)
+        tags["illada.training_run_id"] = training_run
+    if experiment_id is None:
+        experiment_id = mlflow.set_experiment(cfg.experiment_name).experiment_id
+    metrics = {f"eval/{task}/{name}": float(v) for task, values in results.items() for name, v in values.items()}
+    params = {k: str(v)[:6000] for k, v in flatten(asdict(cfg)).items()}
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"eval-{Path(cfg.ckpt).name}", tags=tags) as run:
+        mlflow.log_params(params)
+        mlflow.log_metrics(metrics)
+        mlflow.log_artifacts(str(out), artifact_path="eval")
+        return run.info.run_id
+
+
+def run_evaluation(cfg: EvaluateConfig) -> dict[str, dict[str, float]]:
+    from illada_lightning.training.checkpoint import load_checkpoint
+
+    from .tasks import get_task
+
+    for name in cfg.tasks:  # a missing data file fails before the model loads
+        get_task(name).data_path(cfg)
+    model, tokenizer = load_checkpoint(cfg.ckpt, device=resolve_device(cfg.device))
+    if tokenizer is None:
+        raise ValueError(f"{cfg.ckpt}: no tokenizer was saved with this checkpoint")
+    out = output_dir(cfg)
+    results = evaluate(model, tokenizer, cfg.tasks, cfg, out_dir=out, model_id=str(Path(cfg.ckpt).resolve()))
+    path = write_results(results, cfg, out)
+    print(format_table(results))
+    print(f"results: {path}")
+    if cfg.mlflow:
+        run_id = log_to_mlflow(results, cfg, out)
+        print(f"MLflow run: {run_id}")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help"):
+        from .tasks import registered_tasks
+
+        print(__doc__)
+        print("registered tasks: " + ", ".join(registered_tasks()))
+        print("keys: " + ", ".join(f.name for f in fields(EvaluateConfig)))
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from illada_lightning.training.checkpoint import CheckpointError
+
+    from .records import EvalDataError
+
+    try:
+        cfg = parse_args(argv)
+        run_evaluation(cfg)
+    except (ConfigError, EvalDataError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
