@@ -11,8 +11,8 @@ from illada_lightning.diffusion.objective import (
     DiffusionConfig,
     diffusion_loss,
     forward_process,
-    sample_mask_ratio,
     masked_token_weights,
+    sample_mask_ratio,
 )
 
 MASK = 3

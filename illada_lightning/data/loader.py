@@ -141,6 +141,10 @@ class ResumableLoader:
 class EvalLoader:
     """Validation batches: fixed order, the same batches on every pass (not stateful: each pass restarts)."""
 
+    # Lightning 2.6 inspects `batch_sampler` of any loader that has a `sampler` attribute; this loader
+    # batches itself.
+    batch_sampler = None
+
     def __init__(self, n_items: int, batch_size: int, make_batch: Callable[[np.ndarray, int, int], dict],
                  num_workers: int = 0, rank: int = 0, world_size: int = 1):
         self.sampler = EpochBatchSampler(n_items, batch_size, shuffle=False, rank=rank, world_size=world_size)

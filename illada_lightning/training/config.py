@@ -10,10 +10,10 @@ YAML files under `experiments/configs/` set what a smaller run needs.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Optional
 
 from ..data.config import DataConfig, SFTDataConfig, TokenizerConfig
 from ..diffusion.objective import DiffusionConfig
+from ..evaluation.config import EvalConfig
 from ..model.config import PRESETS, ModelConfig
 
 STAGES = ("pretrain", "sft", "all")
@@ -37,9 +37,10 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
     warmup_steps: int = 2000
-    fused: Optional[bool] = None  # None: fused AdamW exactly when the parameters are on CUDA
+    fused: bool | None = None  # None: fused AdamW exactly when the parameters are on CUDA
 
-    def validate(self, where: str = "optim") -> OptimConfig:
+    # `check`, not `validate`: the loader validates children first, and only the parent knows the key prefix.
+    def check(self, where: str) -> OptimConfig:
         _need(self.lr > 0, f"{where}.lr must be positive, got {self.lr}")
         _need(0 <= self.min_lr <= self.lr, f"{where}.min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
         _need(self.weight_decay >= 0, f"{where}.weight_decay must be >= 0, got {self.weight_decay}")
@@ -67,13 +68,15 @@ class ScheduleConfig:
     ema_decay: float = 0.98
     window: int = 100
     patience: int = 500  # optimizer steps without an improvement of the smoothed loss
-    min_delta: float = 1e-3  # absolute improvement of the smoothed loss that resets the patience counter
+    # Absolute improvement of the smoothed loss that resets the patience counter; keep it above the noise of
+    # the smoothed loss, or random new minima keep postponing the switch.
+    min_delta: float = 0.01
     min_steps: int = 0  # start watching only after this step (and never before warmup ends)
     decay_steps: int = 10_000  # cosine horizon after the switch
-    switch_at_step: Optional[int] = None
+    switch_at_step: int | None = None
     decay_fraction: float = 0.1  # SFT only
 
-    def validate(self, where: str = "schedule") -> ScheduleConfig:
+    def check(self, where: str) -> ScheduleConfig:
         _need(self.smoothing in ("ema", "window"), f"{where}.smoothing must be 'ema' or 'window', got {self.smoothing!r}")
         _need(0 <= self.ema_decay < 1, f"{where}.ema_decay must be in [0, 1), got {self.ema_decay}")
         _need(self.window >= 1, f"{where}.window must be >= 1, got {self.window}")
@@ -97,6 +100,7 @@ class LoopConfig:
     limit_val_batches: int = 50  # validation batches per evaluation (0: all)
     ckpt_every_n_steps: int = 1000  # optimizer steps between checkpoints (0: only at the end)
     log_every_n_steps: int = 10
+    max_time: str | None = None  # wall-clock cap "DD:HH:MM:SS"; the stage then ends normally (checkpoint, export)
 
     def _validate_loop(self, where: str) -> None:
         _need(self.batch_size >= 1, f"{where}.batch_size must be >= 1, got {self.batch_size}")
@@ -105,6 +109,10 @@ class LoopConfig:
         for key in ("val_every_n_steps", "limit_val_batches", "ckpt_every_n_steps"):
             _need(getattr(self, key) >= 0, f"{where}.{key} must be >= 0, got {getattr(self, key)}")
         _need(self.log_every_n_steps >= 1, f"{where}.log_every_n_steps must be >= 1, got {self.log_every_n_steps}")
+        if self.max_time is not None:
+            parts = self.max_time.split(":")
+            _need(len(parts) == 4 and all(p.isdigit() for p in parts),
+                  f"{where}.max_time must look like DD:HH:MM:SS, got {self.max_time!r}")
 
 
 @dataclass
@@ -117,8 +125,8 @@ class PretrainConfig(LoopConfig):
     def validate(self) -> PretrainConfig:
         self._validate_loop("pretrain")
         _need(self.max_steps >= 1, f"pretrain.max_steps must be >= 1, got {self.max_steps}")
-        self.optim.validate("pretrain.optim")
-        self.schedule.validate("pretrain.schedule")
+        self.optim.check("pretrain.optim")
+        self.schedule.check("pretrain.schedule")
         return self
 
 
@@ -139,8 +147,8 @@ class SFTConfig(LoopConfig):
         self._validate_loop("sft")
         _need(self.epochs >= 1, f"sft.epochs must be >= 1, got {self.epochs}")
         _need(self.max_steps == -1 or self.max_steps >= 1, f"sft.max_steps must be -1 or >= 1, got {self.max_steps}")
-        self.optim.validate("sft.optim")
-        self.schedule.validate("sft.schedule")
+        self.optim.check("sft.optim")
+        self.schedule.check("sft.schedule")
         return self
 
 
@@ -150,9 +158,9 @@ class MLflowConfig:
     (MLflow 3's recommended default backend) with artifacts under `<runs_root>/mlartifacts`."""
 
     enabled: bool = True
-    tracking_uri: Optional[str] = None
+    tracking_uri: str | None = None
     experiment_name: str = "illada-lightning"
-    artifact_location: Optional[str] = None  # default: <runs_root>/mlartifacts (new experiments only)
+    artifact_location: str | None = None  # default: <runs_root>/mlartifacts (new experiments only)
     log_checkpoint: bool = True  # upload the exported final model as an artifact
     log_tokenizer: bool = True
 
@@ -162,9 +170,12 @@ class PreviewConfig:
     """The few answers printed after SFT (through `diffusion.sampler.generate`)."""
 
     num_prompts: int = 3
-    gen_length: int = 32
+    gen_length: int = 32  # the token budget (max_new_tokens in variable-length mode)
     steps: int = 32
-    block_length: int = 32
+    block_length: int = 8
+    # iLLaDA §2.3 block-by-block generation that stops at EOS: the matching decoder for whole_window SFT,
+    # which never trains on positions after an example's EOS.
+    variable_length: bool = True
     prompts: list[str] = field(default_factory=list)  # empty: the first test/validation prompts
 
 
@@ -174,13 +185,13 @@ class ExperimentConfig:
     stage: str = "all"  # pretrain | sft | all (pretrain, then SFT from its final weights)
     seed: int = 1234
     runs_root: str = "runs"
-    run_dir: Optional[str] = None  # default: <runs_root>/<name>
+    run_dir: str | None = None  # default: <runs_root>/<name>
     model: ModelConfig = field(default_factory=lambda: replace(PRESETS["tiny"]))
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
-    init_from: Optional[str] = None  # SFT (stage=sft) starts from this pretraining run dir or checkpoint
+    init_from: str | None = None  # SFT (stage=sft) starts from this pretraining run dir or checkpoint
     resume: str = "never"  # never | auto (continue from the last checkpoint in the run directory)
     on_nan: str = "stop"  # stop | rollback (reload the last checkpoint, LR * nan_lr_scale)
     nan_lr_scale: float = 0.5
@@ -192,10 +203,14 @@ class ExperimentConfig:
     strategy: str = "auto"  # auto | ddp | fsdp
     precision: str = "32-true"  # bf16-mixed on GPU
     activation_checkpointing: bool = False  # recompute each Transformer block in backward
-    matmul_precision: Optional[str] = None  # torch.set_float32_matmul_precision ("high" on GPUs)
+    compile: bool = False  # torch.compile each Transformer block (MaskPredictor.compile_blocks)
+    matmul_precision: str | None = None  # torch.set_float32_matmul_precision ("high" on GPUs)
     progress_bar: bool = True
     mlflow: MLflowConfig = field(default_factory=MLflowConfig)
     preview: PreviewConfig = field(default_factory=PreviewConfig)
+    # Evaluation settings: `eval.per_epoch=true` evaluates `eval.tasks` after every SFT epoch
+    # (evaluation/callback.py); sweeps and `experiments.evaluate` read the same group.
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> ExperimentConfig:
         _need(bool(self.name) and "/" not in self.name, f"name must be a non-empty name without '/', got {self.name!r}")

@@ -1,0 +1,95 @@
+"""Generate from a checkpoint with the diffusion sampler, once or as a multi-turn chat.
+
+    python -m experiments.generate ckpt=runs/default prompt="What is 12 + 30?"
+    python -m experiments.generate ckpt=runs/default prompt="To be, or" chat_template=false sampler.gen_length=64
+    python -m experiments.generate ckpt=runs/default chat=true      # type messages; empty line or /exit quits
+
+Sampler options are the `sampler.*` keys (`illada_lightning.diffusion.sampler.SamplerConfig`): steps,
+gen_length, block_length, remasking, temperature, cfg_scale, variable_length, max_new_tokens, ...
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from illada_lightning.config import ConfigError, load_config
+from illada_lightning.diffusion.sampler import SamplerConfig, generate
+from illada_lightning.training.checkpoint import load_checkpoint
+
+
+@dataclass
+class GenerateConfig:
+    ckpt: str = ""  # run directory or checkpoint file
+    prompt: str | None = None
+    chat: bool = False  # interactive multi-turn chat (keeps the history, applies the chat template)
+    chat_template: bool = True  # wrap a single prompt as a user turn of the chat template
+    system: str | None = None  # optional system message
+    device: str = "auto"
+    sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(
+        steps=64, gen_length=64, block_length=32, variable_length=True, max_new_tokens=256))
+
+    def validate(self) -> GenerateConfig:
+        if not self.ckpt:
+            raise ValueError("ckpt= is required (a run directory or a checkpoint file)")
+        if not self.chat and not self.prompt:
+            raise ValueError('give prompt="..." or chat=true')
+        return self
+
+
+def _device(name: str) -> torch.device:
+    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
+
+
+def reply(model, tokenizer, messages: list[dict], cfg: GenerateConfig) -> str:
+    """One assistant turn for the conversation so far (the chat template of data/tokenizer.py)."""
+    text = tokenizer.format_chat(messages, add_generation_prompt=True)
+    ids = torch.tensor(tokenizer.encode(text), device=next(model.parameters()).device)
+    out = generate(model, ids, tokenizer=tokenizer, **asdict(cfg.sampler))
+    return tokenizer.decode(out).strip()
+
+
+def complete(model, tokenizer, prompt: str, cfg: GenerateConfig) -> str:
+    if cfg.chat_template:
+        messages = ([{"role": "system", "content": cfg.system}] if cfg.system else [])
+        return reply(model, tokenizer, messages + [{"role": "user", "content": prompt}], cfg)
+    ids = torch.tensor(tokenizer.encode(prompt), device=next(model.parameters()).device)
+    return tokenizer.decode(generate(model, ids, tokenizer=tokenizer, **asdict(cfg.sampler)))
+
+
+def chat_loop(model, tokenizer, cfg: GenerateConfig, read=input, write=print) -> list[dict]:
+    messages = [{"role": "system", "content": cfg.system}] if cfg.system else []
+    while True:
+        try:
+            user = read("you> ").strip()
+        except EOFError:
+            break
+        if not user or user == "/exit":
+            break
+        messages.append({"role": "user", "content": user})
+        answer = reply(model, tokenizer, messages, cfg)
+        messages.append({"role": "assistant", "content": answer})
+        write(f"model> {answer}")
+    return messages
+
+
+def main(argv: list[str]) -> int:
+    cfg = load_config(GenerateConfig, None, argv)
+    model, tokenizer = load_checkpoint(cfg.ckpt, device=_device(cfg.device))
+    if tokenizer is None:
+        raise ConfigError(f"no tokenizer found with checkpoint {cfg.ckpt}")
+    if cfg.chat:
+        chat_loop(model, tokenizer, cfg)
+    else:
+        print(complete(model, tokenizer, cfg.prompt, cfg))
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,76 @@
+"""Train: `python -m experiments.run [config.yaml] key=value ...`
+
+    python -m experiments.run                                   # tiny: pretrain + SFT + answers, CPU, minutes
+    python -m experiments.run stage=pretrain pretrain.max_steps=200
+    python -m experiments.run experiments/configs/small_gpu.yaml
+    python -m experiments.run stage=sft init_from=runs/default/pretrain name=sft-only
+    python -m experiments.run resume=auto                       # continue an interrupted run
+
+The config file defaults to experiments/configs/default.yaml; every key of
+`illada_lightning.training.config.ExperimentConfig` can be overridden. All logic lives in
+`illada_lightning.training.experiment.run_experiment`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
+
+
+def split_args(argv: list[str]) -> tuple[Path, list[str]]:
+    """The optional config path (first argument ending in .yaml/.yml) and the key=value overrides."""
+    if argv and argv[0].endswith((".yaml", ".yml")):
+        return Path(argv[0]), argv[1:]
+    return DEFAULT_CONFIG, argv
+
+
+def print_result(result: dict) -> None:
+    for stage, summary in result["stages"].items():
+        keys = ("global_step", "first_loss", "last_loss", "initial_val_loss", "val_loss", "tokens_per_s_mean", "wall_time_s",
+                "lr_switch_step", "skipped")
+        shown = {k: summary.get(k) for k in keys if summary.get(k) is not None}
+        print(f"[{stage}] " + json.dumps(shown, default=lambda v: round(v, 4) if isinstance(v, float) else str(v)))
+    for sample in result.get("samples", []):
+        print("-" * 60)
+        print(sample["prompt"].rstrip())
+        print(f"=> {sample['answer']!r}")
+    print("-" * 60)
+    print(f"run directory: {result['run_dir']}")
+    if "tracking_uri" in result:
+        runs = result["mlflow_runs"]
+        print(f"MLflow: {result['tracking_uri']} (experiment '{result['mlflow_experiment']}', parent run "
+              f"{runs.get('parent')}; child runs " + ", ".join(f"{k}={v}" for k, v in runs.items() if k != "parent") + ")")
+        print(f"open the MLflow UI with: {result['ui_command']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from illada_lightning.config import ConfigError, load_config
+    from illada_lightning.training.config import ExperimentConfig
+    from illada_lightning.training.experiment import is_rank_zero, run_experiment
+
+    config_path, overrides = split_args(argv)
+    try:
+        cfg = load_config(ExperimentConfig, config_path, overrides)
+        result = run_experiment(cfg)
+    except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as exc:
+        if os.environ.get("ILLADA_TRACEBACK"):  # debugging: the full traceback instead of one line
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if is_rank_zero():
+        print_result(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

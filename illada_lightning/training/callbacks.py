@@ -1,0 +1,225 @@
+"""Lightning callbacks of the training loop: the plateau LR switch, the non-finite-loss guard, throughput.
+
+They read what `DiffusionLMModule.training_step` leaves on the module each micro-batch:
+`last_loss` (the loss averaged over ranks, a float), `nonfinite_step` (set when that loss was not finite and
+the update was skipped) and `tokens_seen` (non-padding tokens, a device tensor).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from .config import ScheduleConfig
+from .plateau import PlateauDetector
+from .schedule import RecipeLR
+
+log = logging.getLogger(__name__)
+
+
+def _recipe_scheduler(trainer: pl.Trainer) -> RecipeLR | None:
+    for config in trainer.lr_scheduler_configs:
+        if isinstance(config.scheduler, RecipeLR):
+            return config.scheduler
+    return None
+
+
+def _mlflow_tag(trainer: pl.Trainer, key: str, value) -> None:
+    """Set a tag on the MLflow run of this stage (rank 0; a no-op without an MLflow logger)."""
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    if not trainer.is_global_zero:
+        return
+    for logger in trainer.loggers:
+        if isinstance(logger, MLFlowLogger):
+            logger.experiment.set_tag(logger.run_id, key, str(value))
+
+
+class _StepLoss:
+    """Averages the micro-batch losses of one optimizer step (gradient accumulation)."""
+
+    def __init__(self):
+        self.total, self.count, self.step = 0.0, 0, -1
+
+    def add(self, trainer: pl.Trainer, pl_module) -> float | None:
+        """Add this micro-batch; return the step's mean loss once the optimizer has stepped."""
+        loss = getattr(pl_module, "last_loss", None)
+        if loss is not None and math.isfinite(loss):
+            self.total, self.count = self.total + loss, self.count + 1
+        if trainer.global_step == self.step or self.count == 0:
+            return None
+        self.step = trainer.global_step
+        mean, self.total, self.count = self.total / self.count, 0.0, 0
+        return mean
+
+
+class LossPlateauLRSwitch(Callback):
+    """Switch the pretraining LR from constant to cosine decay once the smoothed loss stops falling.
+
+    Exactly one switch per run: the step and the smoothed loss at the switch are logged to MLflow (metrics
+    `lr_switch_step`, `lr_switch_loss` and tags of the same names). Detector state and the switch are saved
+    in checkpoints, so a resumed run continues on the right schedule. `schedule.switch_at_step` bypasses
+    the detector (the scheduler is built with that switch step) and only logs it.
+    """
+
+    def __init__(self, schedule: ScheduleConfig, warmup_steps: int = 0):
+        self.manual_step = schedule.switch_at_step
+        self.enabled = schedule.plateau_switch and self.manual_step is None
+        self.detector = PlateauDetector(
+            smoothing=schedule.smoothing, ema_decay=schedule.ema_decay, window=schedule.window,
+            patience=schedule.patience, min_delta=schedule.min_delta,
+            min_steps=max(schedule.min_steps, warmup_steps),
+        )
+        self.switch_step: int | None = None
+        self.switch_loss: float | None = None
+        self._step_loss = _StepLoss()
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._step_loss.step = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = self._step_loss.add(trainer, pl_module)
+        if loss is None or self.switch_step is not None:
+            return
+        step = trainer.global_step
+        if self.manual_step is not None:
+            if step >= self.manual_step:
+                self._record(trainer, self.manual_step, self.detector.smoothed() or loss)
+            self.detector.update(step, loss)
+            return
+        if self.enabled and self.detector.update(step, loss):
+            scheduler = _recipe_scheduler(trainer)
+            if scheduler is None:
+                raise RuntimeError("LossPlateauLRSwitch needs the RecipeLR scheduler of DiffusionLMModule")
+            scheduler.switch(step)
+            self._record(trainer, step, self.detector.smoothed())
+
+    def _record(self, trainer, step: int, loss: float) -> None:
+        self.switch_step, self.switch_loss = int(step), float(loss)
+        log.info("LR switch to cosine decay at step %d (smoothed training loss %.4f)", step, loss)
+        for logger in trainer.loggers:
+            logger.log_metrics({"lr_switch_step": float(step), "lr_switch_loss": float(loss)}, step=step)
+        _mlflow_tag(trainer, "lr_switch_step", step)
+        _mlflow_tag(trainer, "lr_switch_loss", f"{loss:.6f}")
+
+    def state_dict(self) -> dict:
+        return {"detector": self.detector.state_dict(), "switch_step": self.switch_step,
+                "switch_loss": self.switch_loss}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.detector.load_state_dict(state_dict["detector"])
+        self.switch_step, self.switch_loss = state_dict["switch_step"], state_dict["switch_loss"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training stopped on a non-finite loss; the message says what was saved and how to continue."""
+
+
+class NonFiniteLossGuard(Callback):
+    """React to a non-finite training loss (the module has already skipped that update).
+
+    - `stop`: end training cleanly; the current weights (finite: the bad update was never applied) are saved
+      as `nonfinite-step=N.ckpt` next to the periodic checkpoints; `message` says what to do next.
+    - `rollback`: end this fit so the experiment loop reloads the last periodic checkpoint and continues
+      with the LR scaled by `nan_lr_scale` (what LLaDA did after its one NaN at 1.2T tokens).
+    """
+
+    def __init__(self, mode: str, checkpoint_dir: str | Path):
+        self.mode = mode
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.triggered_step: int | None = None
+        self.message: str | None = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = getattr(pl_module, "nonfinite_step", None)
+        if step is None or self.triggered_step is not None:
+            return
+        self.triggered_step = step
+        trainer.should_stop = True
+        last = self.checkpoint_dir / "last.ckpt"
+        if self.mode == "rollback":
+            self.message = f"non-finite training loss at step {step}: rolling back to {last}"
+            log.warning(self.message)
+            return
+        finite = all(bool(torch.isfinite(p).all()) for p in pl_module.parameters())
+        saved = ""
+        if finite:
+            path = self.checkpoint_dir / f"nonfinite-step={step:07d}.ckpt"
+            trainer.save_checkpoint(path)
+            saved = f" The weights before the failed update (all finite) are in {path}."
+        self.message = (
+            f"training stopped: the loss became non-finite at step {step} (the update was skipped).{saved} "
+            f"The last periodic checkpoint is {last if last.exists() else '(none yet)'}. Continue with "
+            f"resume=auto and a lower LR (e.g. pretrain.optim.lr=...), or rerun with on_nan=rollback."
+        )
+        log.error(self.message)
+
+
+class ThroughputMonitor(Callback):
+    """Log tokens/s (non-padding tokens, all ranks), the LR and the gradient norm every `every` steps."""
+
+    def __init__(self, every: int):
+        self.every = max(1, every)
+        self._t0: float | None = None
+        self._paused: float | None = None
+        self._tokens0 = 0.0
+        self._step0 = 0
+        self.train_seconds = 0.0  # training time measured so far, validation excluded
+        self.train_tokens = 0.0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._t0, self._step0 = time.perf_counter(), trainer.global_step
+        self._tokens0 = float(self._tokens(trainer, pl_module))
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._paused = time.perf_counter()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        # Validation time is not training time: shift the interval start past it.
+        if self._t0 is not None and getattr(self, "_paused", None) is not None:
+            self._t0 += time.perf_counter() - self._paused
+        self._paused = None
+
+    @staticmethod
+    def _tokens(trainer, pl_module) -> float:
+        return float(trainer.strategy.reduce(pl_module.tokens_seen.clone(), reduce_op="sum"))
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        # Before clipping: the norm the clip compares against. Computed only on logging steps.
+        if (trainer.global_step + 1) % self.every == 0:
+            pl_module.log("train/grad_norm", pl_module.grad_norm(), on_step=True, on_epoch=False)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step == self._step0 or step % self.every != 0 or self._t0 is None:
+            return
+        # A host sync to time finished work only, not queued kernels.
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        now, tokens = time.perf_counter(), self._tokens(trainer, pl_module)
+        elapsed = max(now - self._t0, 1e-9)
+        metrics = {
+            "train/tokens_per_s": (tokens - self._tokens0) / elapsed,
+            "train/steps_per_s": (step - self._step0) / elapsed,
+            "train/tokens_seen": tokens,
+        }
+        scheduler = _recipe_scheduler(trainer)
+        if scheduler is not None:
+            metrics["train/lr"] = trainer.optimizers[0].param_groups[0]["lr"]
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+        pl_module.last_throughput = metrics["train/tokens_per_s"]
+        self.train_seconds += elapsed
+        self.train_tokens += tokens - self._tokens0
+        self._t0, self._tokens0, self._step0 = now, tokens, step
+
+    @property
+    def mean_tokens_per_s(self) -> float | None:
+        """Over every logged interval of this fit (the first interval includes start-up and compilation)."""
+        return self.train_tokens / self.train_seconds if self.train_seconds > 0 else None

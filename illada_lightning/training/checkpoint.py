@@ -1,0 +1,240 @@
+"""Saving and loading what training produces.
+
+Run directory layout (`run_experiment`):
+
+    <run_dir>/config.yaml                  the resolved experiment config
+    <run_dir>/tokenizer/tokenizer.json     the run's tokenizer
+    <run_dir>/mlflow_runs.json             MLflow parent/child run ids (resume continues the same runs)
+    <run_dir>/<stage>/checkpoints/         Lightning checkpoints: step=NNNNNNN.ckpt, last.ckpt
+                                           (a directory per checkpoint under strategy=fsdp: sharded)
+    <run_dir>/<stage>/model.pt             exported final weights + model config + tokenizer (one file)
+    <run_dir>/<stage>/FINISHED             written when the stage completed (json summary)
+
+`load_checkpoint(path)` accepts a run directory, a stage directory, an exported `model.pt`, a Lightning
+`.ckpt` file or a sharded FSDP checkpoint directory, and returns `(model, tokenizer)`; the model config
+is read from the checkpoint itself.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import torch
+
+from ..model.config import ModelConfig
+from ..model.transformer import MaskPredictor
+
+EXPORT_FILE = "model.pt"
+FINISHED_FILE = "FINISHED"
+TOKENIZER_DIR = "tokenizer"
+STAGE_ORDER = ("sft", "pretrain")  # a run directory's most trained model comes first
+
+
+class CheckpointError(ValueError):
+    """A checkpoint path that does not exist, holds no model, or does not fit the configured model."""
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _is_sharded_dir(path: Path) -> bool:
+    return path.is_dir() and (path / ".metadata").is_file()
+
+
+def _read_raw(path: Path) -> dict:
+    if _is_sharded_dir(path):
+        # Lightning's FSDP sharded format: torch.distributed.checkpoint shards (weights under "model") plus
+        # `meta.pt` with everything else (hyper-parameters, our "illada" entry).
+        from lightning.fabric.utilities.consolidate_checkpoint import _load_distributed_checkpoint
+
+        raw = _load_distributed_checkpoint(path)
+        if (path / "meta.pt").is_file():
+            raw.update(torch.load(path / "meta.pt", map_location="cpu", weights_only=False))
+        return raw
+    try:
+        # mmap: tensors are read when touched, so the shape checks of init_from cost no full read.
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as exc:  # a truncated or foreign file
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The file (or sharded directory) holding the weights that `path` names."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise CheckpointError(f"checkpoint path does not exist: {p}")
+    if p.is_file() or _is_sharded_dir(p):
+        return p
+    candidates = [p / EXPORT_FILE, p / "checkpoints" / "last.ckpt"]
+    for stage in STAGE_ORDER:
+        candidates += [p / stage / EXPORT_FILE, p / stage / "checkpoints" / "last.ckpt"]
+    for c in candidates:
+        if c.is_file() or _is_sharded_dir(c):
+            return c
+    raise CheckpointError(
+        f"no checkpoint found in {p}: expected {EXPORT_FILE} or checkpoints/last.ckpt there or in its "
+        f"{'/'.join(STAGE_ORDER)} subdirectories"
+    )
+
+
+def _model_config(raw: dict, path: Path) -> ModelConfig:
+    cfg = (raw.get("illada") or {}).get("model_config") or raw.get("model_config")
+    if cfg is None:
+        cfg = (raw.get("hyper_parameters") or {}).get("model_config")
+    if cfg is None:
+        raise CheckpointError(f"{path} holds no model config: not a checkpoint written by illada-lightning training")
+    known = {f.name for f in fields(ModelConfig)}
+    return ModelConfig(**{k: v for k, v in cfg.items() if k in known}).validate()
+
+
+def _model_state(raw: dict, path: Path) -> dict[str, torch.Tensor]:
+    state = raw.get("state_dict", raw.get("model"))
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds no model weights")
+    prefix = "model."  # Lightning checkpoints name weights after the module attribute
+    if any(k.startswith(prefix) for k in state):
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return state
+
+
+def read_model_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], str | None, Path]:
+    """(model config, model state dict, tokenizer json or None, resolved path) of any supported checkpoint."""
+    resolved = resolve_checkpoint(path)
+    raw = _read_raw(resolved)
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{resolved} is not an illada-lightning checkpoint (got {type(raw).__name__})")
+    cfg = _model_config(raw, resolved)
+    tokenizer_json = (raw.get("illada") or {}).get("tokenizer_json") or raw.get("tokenizer_json")
+    return cfg, _model_state(raw, resolved), tokenizer_json, resolved
+
+
+def _tokenizer_from_json(text: str):
+    from ..data.tokenizer import Tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "tokenizer.json").write_text(text, encoding="utf-8")
+        return Tokenizer.load(tmp)
+
+
+def _find_tokenizer_near(path: Path):
+    from ..data.tokenizer import Tokenizer
+
+    for parent in [path, *path.parents][:5]:
+        candidate = parent / TOKENIZER_DIR / "tokenizer.json"
+        if candidate.is_file():
+            return Tokenizer.load(candidate)
+    return None
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device | None = None):
+    """`(model, tokenizer)` from a run directory or checkpoint file saved by training (model in eval mode).
+
+    The tokenizer is the one embedded in the checkpoint, else `tokenizer/` of the run directory; None if
+    neither exists.
+    """
+    cfg, state, tokenizer_json, resolved = read_model_checkpoint(path)
+    model = MaskPredictor(cfg)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{resolved}: weights do not match the stored model config "
+                              f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
+    model.eval()
+    if device is not None:
+        model.to(device)
+    tokenizer = _tokenizer_from_json(tokenizer_json) if tokenizer_json else _find_tokenizer_near(resolved.parent)
+    return model, tokenizer
+
+
+# ----------------------------------------------------------------------------- init_from
+
+
+def check_compatible(cfg: ModelConfig, expected: ModelConfig, state: dict, model: torch.nn.Module, path) -> None:
+    """Refuse a checkpoint whose vocabulary or parameter shapes differ from the configured model, naming them."""
+    problems = []
+    if cfg.vocab_size != expected.vocab_size:
+        problems.append(f"vocabulary: checkpoint vocab_size={cfg.vocab_size}, config model.vocab_size={expected.vocab_size}")
+    for key in ("mask_token_id", "eos_token_id", "pad_token_id"):
+        if getattr(cfg, key) != getattr(expected, key):
+            problems.append(f"{key}: checkpoint {getattr(cfg, key)}, config {getattr(expected, key)}")
+    own = model.state_dict()
+    shapes = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+              for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if shapes:
+        problems.append("shapes differ: " + "; ".join(shapes[:6]) + (" ..." if len(shapes) > 6 else ""))
+    if missing or unexpected:
+        problems.append(f"parameter names differ (missing {missing[:4]}, unexpected {unexpected[:4]})")
+    if problems:
+        arch = {k: getattr(cfg, k) for k in ("n_layers", "d_model", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size")}
+        raise CheckpointError(
+            f"init_from={path} does not fit the configured model: " + " | ".join(problems)
+            + f". The checkpoint's model is {cfg.name} {arch}: pass the same model (e.g. model={cfg.name}"
+            " with the same overrides) for SFT."
+        )
+
+
+def load_init_weights(model: torch.nn.Module, path: str | Path, expected: ModelConfig):
+    """Copy pretrained weights into `model` (SFT's `init_from`); returns the checkpoint's tokenizer json."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise CheckpointError(f"init_from={path}: no such file or directory")
+    cfg, state, tokenizer_json, resolved = read_model_checkpoint(p)
+    check_compatible(cfg, expected, state, model, path)
+    model.load_state_dict(state)
+    return tokenizer_json, resolved
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def full_model_state(trainer, module) -> dict[str, torch.Tensor] | None:
+    """The unsharded model weights on CPU (rank 0; None elsewhere). A collective under FSDP."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if isinstance(trainer.strategy, FSDPStrategy):
+        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        wrapped = trainer.strategy.model
+        with FSDP.state_dict_type(wrapped, StateDictType.FULL_STATE_DICT,
+                                  FullStateDictConfig(offload_to_cpu=True, rank0_only=True)):
+            state = wrapped.state_dict()
+        if not trainer.is_global_zero:
+            return None
+        return {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    if not trainer.is_global_zero:
+        return None
+    return {k: v.detach().cpu() for k, v in module.model.state_dict().items()}
+
+
+def export_model(path: str | Path, model_config: ModelConfig, state: dict, tokenizer_json: str | None,
+                 extra: dict | None = None) -> Path:
+    """One self-contained inference file: weights, model config and tokenizer."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"model_config": asdict(model_config), "state_dict": state, "tokenizer_json": tokenizer_json,
+               **(extra or {})}
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+    return path
+
+
+def write_finished(stage_dir: str | Path, summary: dict) -> None:
+    path = Path(stage_dir) / FINISHED_FILE
+    path.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+
+
+def read_finished(stage_dir: str | Path) -> dict | None:
+    path = Path(stage_dir) / FINISHED_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def last_checkpoint(stage_dir: str | Path) -> Path | None:
+    """`checkpoints/last.ckpt` of a stage (file or sharded directory), if any."""
+    p = Path(stage_dir) / "checkpoints" / "last.ckpt"
+    return p if p.exists() else None

@@ -1,0 +1,219 @@
+"""The one LightningModule of both training stages: model + masked-diffusion objective + AdamW.
+
+`PretrainModule` and `SFTModule` differ only in their LR schedule (iLLaDA §2.1 vs §2.2); the data handling
+differs in their datamodules. The objective is `diffusion.objective.diffusion_loss` (iLLaDA Eq. 1) through
+the model's `hidden_states` / `output_weight` path, so logits exist only at masked positions.
+
+Randomness of the forward process comes from a generator seeded by (seed, optimizer step, micro-batch,
+rank), not from the global RNG, so a run resumed from a checkpoint draws the same masks as an
+uninterrupted one, and validation uses fixed masks (same seed every evaluation) so its loss - the
+diffusion bound on the NLL per token - is comparable across evaluations.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections import deque
+from dataclasses import asdict
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from ..diffusion.objective import DiffusionConfig, diffusion_loss
+from ..model.config import ModelConfig
+from ..model.transformer import MaskPredictor
+from .config import OptimConfig, ScheduleConfig
+from .schedule import RecipeLR
+
+_VAL_SEED_OFFSET = 7_777_777
+
+
+def _as(cls, value):
+    return value if isinstance(value, cls) else cls(**value)
+
+
+def mixing_seed(*parts: int) -> int:
+    """A deterministic 63-bit seed from integers (python's hash of ints is not salted, but be explicit)."""
+    h = 1469598103934665603
+    for p in parts:
+        h = ((h ^ (int(p) & 0xFFFFFFFFFFFF)) * 1099511628211) % (1 << 63)
+    return h
+
+
+def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups: decay every matrix, exempt every vector.
+
+    Decayed: all 2-D weights - attention and MLP projections and the embedding. The embedding is decayed
+    like nanoGPT does: when tied (iLLaDA) it *is* the LM-head projection, and iLLaDA/LLaDA state a plain
+    AdamW weight decay of 0.1 with no exemption for it. Exempt: the RMSNorm gains (1-D); decay would pull
+    a gain towards 0 instead of towards its identity value 1. The model has no biases (iLLaDA §2.1).
+    """
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def enable_block_checkpointing(model: MaskPredictor) -> None:
+    """Recompute each Transformer block in backward (activation checkpointing), keeping parameter names
+    unchanged so checkpoints stay interchangeable with non-checkpointed runs."""
+    for block in model.blocks:
+        if getattr(block, "_checkpointed", False):
+            continue
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+        block._checkpointed = True
+
+
+class DiffusionLMModule(pl.LightningModule):
+    stage = "pretrain"
+
+    def __init__(
+        self,
+        model_config: ModelConfig | dict,
+        diffusion: DiffusionConfig | dict | None = None,
+        optim: OptimConfig | dict | None = None,
+        schedule: ScheduleConfig | dict | None = None,
+        seed: int = 0,
+        lr_scale: float = 1.0,
+        activation_checkpointing: bool = False,
+        sharded_grads: bool = False,
+    ):
+        super().__init__()
+        self.model_config = _as(ModelConfig, model_config).validate()
+        self.diffusion = _as(DiffusionConfig, diffusion or {})
+        self.optim = _as(OptimConfig, optim or {})
+        self.schedule = _as(ScheduleConfig, schedule or {})
+        self.save_hyperparameters({
+            "model_config": asdict(self.model_config), "diffusion": asdict(self.diffusion),
+            "optim": asdict(self.optim), "schedule": asdict(self.schedule), "seed": seed, "stage": self.stage,
+        }, logger=False)  # kept in checkpoints; MLflow gets the whole experiment config instead (tracking.py)
+        self.seed, self.lr_scale, self.sharded_grads = seed, lr_scale, sharded_grads
+        self.model = MaskPredictor(self.model_config)
+        if activation_checkpointing:
+            enable_block_checkpointing(self.model)
+        self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.float64), persistent=False)
+        self.last_loss: float | None = None
+        self.nonfinite_step: int | None = None
+        self.last_throughput: float | None = None
+        self.tokenizer_json: str | None = None  # embedded in checkpoints so one file restores model + tokenizer
+        # (optimizer step, loss) of micro-batches, bounded for million-step runs: the first and the latest.
+        self.first_losses: list[tuple[int, float]] = []
+        self.recent_losses: deque[tuple[int, float]] = deque(maxlen=1000)
+
+    # ----------------------------------------------------------------- objective
+    def _generator(self, seed: int) -> torch.Generator:
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    def _loss(self, batch: dict, generator: torch.Generator):
+        return diffusion_loss(
+            self.model, batch["input_ids"], mask_token_id=self.model_config.mask_token_id,
+            cu_seqlens=batch.get("cu_seqlens"), max_seqlen=batch.get("max_seqlen"),
+            loss_mask=batch.get("loss_mask"), config=self.diffusion, generator=generator,
+        )
+
+    def _count_tokens(self, batch: dict) -> torch.Tensor:
+        ids = batch["input_ids"]
+        if self.model_config.pad_token_id == self.model_config.eos_token_id:  # LLaDA pads with EOS: count all
+            return torch.tensor(ids.numel(), device=ids.device)
+        return (ids != self.model_config.pad_token_id).sum()
+
+    def training_step(self, batch: dict, batch_idx: int):
+        micro = batch_idx % max(1, self.trainer.accumulate_grad_batches)
+        generator = self._generator(mixing_seed(self.seed, self.global_step, micro, self.global_rank))
+        out = self._loss(batch, generator)
+        # Averaged over ranks: every rank takes the same skip / plateau decision.
+        loss_value = float(self.trainer.strategy.reduce(out.loss.detach(), reduce_op="mean"))
+        self.last_loss = loss_value
+        if not math.isfinite(loss_value):
+            self.nonfinite_step = self.global_step
+            return None  # skip backward and the optimizer step on every rank
+        if len(self.first_losses) < 100:
+            self.first_losses.append((self.global_step, loss_value))
+        self.recent_losses.append((self.global_step, loss_value))
+        self.tokens_seen += self._count_tokens(batch)
+        self.log("train/loss", out.loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
+        self.log("train/masked_fraction", out.masked_fraction.float(), on_step=True, on_epoch=False)
+        return out.loss
+
+    def validation_step(self, batch: dict, batch_idx: int):
+        # Fixed masks per validation batch: the same seed in every evaluation.
+        out = self._loss(batch, self._generator(mixing_seed(self.seed, _VAL_SEED_OFFSET, batch_idx)))
+        # Ranks evaluate different shards of the validation set: average over them (a no-op on one device).
+        self.log("val/loss", out.loss, prog_bar=True, on_step=False, on_epoch=True, sync_dist=True,
+                 batch_size=batch["input_ids"].shape[0])
+        return out.loss
+
+    # ----------------------------------------------------------------- optimisation
+    def grad_norm(self) -> torch.Tensor:
+        """Global L2 norm of the gradients (summed over shards when parameters are sharded)."""
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        sq = (torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum() if grads
+              else torch.zeros((), device=self.device))
+        if self.sharded_grads:
+            sq = self.trainer.strategy.reduce(sq, reduce_op="sum")
+        return sq.sqrt()
+
+    def total_steps(self) -> int:
+        return int(self.trainer.estimated_stepping_batches)
+
+    def make_scheduler(self, optimizer) -> RecipeLR:
+        return RecipeLR(
+            optimizer, kind="pretrain", peak_lr=self.optim.lr, min_lr=self.optim.min_lr,
+            warmup_steps=self.optim.warmup_steps, decay_steps=self.schedule.decay_steps,
+            switch_step=self.schedule.switch_at_step, lr_scale=self.lr_scale,
+        )
+
+    def configure_optimizers(self):
+        params = next(self.parameters())
+        fused = self.optim.fused if self.optim.fused is not None else params.is_cuda
+        optimizer = torch.optim.AdamW(
+            weight_decay_groups(self.model, self.optim.weight_decay), lr=self.optim.lr,
+            betas=tuple(self.optim.betas), eps=self.optim.eps, fused=fused,
+        )
+        scheduler = self.make_scheduler(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        # Lightning's mixed-precision plugin refuses to clip with a fused optimizer because fused AdamW
+        # unscales fp16 gradients itself; with bf16 or fp32 there is no scaler, so plain clipping is exact.
+        # Sharded (FSDP) gradients keep Lightning's strategy-aware path.
+        if not gradient_clip_val:
+            return
+        plugin = self.trainer.precision_plugin
+        if getattr(plugin, "scaler", None) is None and not self.sharded_grads and type(plugin).__name__ != "FSDPPrecision":
+            torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
+        else:
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def on_train_start(self) -> None:
+        # After a checkpoint restore: a rollback after a non-finite loss asks for a lower LR than the saved one.
+        for config in self.trainer.lr_scheduler_configs:
+            if isinstance(config.scheduler, RecipeLR) and config.scheduler.lr_scale != self.lr_scale:
+                config.scheduler.set_lr_scale(self.lr_scale)
+
+    # ----------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["illada"] = {"model_config": asdict(self.model_config), "stage": self.stage,
+                                "tokenizer_json": self.tokenizer_json}
+
+
+class PretrainModule(DiffusionLMModule):
+    """iLLaDA §2.1: warmup, constant, cosine decay after the plateau switch."""
+
+    stage = "pretrain"
+
+
+class SFTModule(DiffusionLMModule):
+    """iLLaDA §2.2: warmup to the peak, constant, linear decay over the last `decay_fraction` of steps."""
+
+    stage = "sft"
+
+    def make_scheduler(self, optimizer) -> RecipeLR:
+        return RecipeLR(
+            optimizer, kind="sft", peak_lr=self.optim.lr, min_lr=self.optim.min_lr,
+            warmup_steps=self.optim.warmup_steps, total_steps=self.total_steps(),
+            decay_fraction=self.schedule.decay_fraction, lr_scale=self.lr_scale,
+        )
