@@ -14,7 +14,7 @@ from illada_lightning.training.checkpoint import CheckpointError, export_model
 from illada_lightning.training.config import ExperimentConfig
 from illada_lightning.training.experiment import RunDirectoryError, run_experiment
 from illada_lightning.training.strategy import StrategyError, check_strategy
-from tests.test_run_experiment import DEFAULT_YAML, lightning_eval_loader, small_config  # noqa: F401
+from tests.test_run_experiment import DEFAULT_YAML, small_config
 
 
 def no_training_happened(root: Path, name: str) -> bool:

@@ -11,7 +11,7 @@ import illada_lightning.training.experiment as experiment
 from illada_lightning.model.config import ModelConfig
 from illada_lightning.training.callbacks import NonFiniteLossError
 from illada_lightning.training.module import PretrainModule, SFTModule, weight_decay_groups
-from tests.test_run_experiment import lightning_eval_loader, small_config  # noqa: F401
+from tests.test_run_experiment import small_config
 
 CFG = ModelConfig(n_layers=2, d_model=32, n_heads=2, n_kv_heads=1, ffn_dim=64, vocab_size=64, max_seq_len=16)
 

@@ -1,0 +1,31 @@
+"""CPU smoke runs of the benchmark scripts, so they cannot rot (the real numbers come from the GPU)."""
+
+import json
+
+from benchmarks import sampler_bench, scoring_bench, train_throughput
+
+
+def test_train_throughput_smoke_writes_a_json_line(tmp_path):
+    out = tmp_path / "tp.jsonl"
+    for extra in ([], ["--padded"]):
+        r = train_throughput.main(["--preset", "tiny", "--device", "cpu", "--seq-len", "64", "--batch-size", "2",
+                                   "--steps", "2", "--warmup", "1", "--out", str(out), *extra])
+        assert r["tokens_per_s"] > 0 and r["step_s_min"] <= r["step_s_median"] <= r["step_s_max"]
+        assert r["model_tflops_per_s"] > 0 and r["mfu"] is None  # no GPU: no measured matmul peak
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["packing"] for r in rows] == [True, False]
+
+
+def test_padded_baseline_counts_only_real_tokens():
+    args = train_throughput.parse_args(["--preset", "tiny", "--seq-len", "8192", "--batch-size", "2", "--padded"])
+    from illada_lightning.model.config import get_preset
+
+    batch = train_throughput.make_batches(args, get_preset("tiny"), 1)[0]
+    lengths = train_throughput.useful_lengths(batch)
+    assert batch["loss_mask"] is not None  # documents shorter than the row: padded
+    assert sum(lengths) == int(batch["loss_mask"].sum()) and len(lengths) == 2
+
+
+def test_sampler_and_scoring_benchmarks_smoke(tmp_path):
+    assert sampler_bench.main(["--preset", "tiny", "--device", "cpu", "--out", str(tmp_path / "s.jsonl")])
+    assert scoring_bench.main(["--preset", "tiny", "--device", "cpu", "--out", str(tmp_path / "c.jsonl")])
