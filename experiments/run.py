@@ -54,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         return 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if "--multirun" in argv:  # comma lists become a grid sweep (same machinery as `python -m sweeps.run`)
+        from illada_lightning.sweeps.multirun import multirun_main
+
+        return multirun_main(argv)
     from illada_lightning.config import ConfigError, load_config
     from illada_lightning.training.config import ExperimentConfig
     from illada_lightning.training.experiment import is_rank_zero, run_experiment

@@ -110,7 +110,11 @@ def load_config(
         if has_model and key == "model":
             cfg.model = _preset_node(value)
             continue
-        cfg = _merge(cfg, OmegaConf.from_dotlist([f"{key}={value}"]), schema, key)
+        try:
+            parsed = OmegaConf.from_dotlist([f"{key}={value}"])
+        except Exception as exc:  # a value that is not valid YAML (e.g. unbalanced brackets)
+            raise ConfigError(f"cannot parse the value of override '{key}': {value!r} ({exc})") from None
+        cfg = _merge(cfg, parsed, schema, key)
     try:
         obj = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as exc:

@@ -36,7 +36,10 @@ def tracking_uri(mlflow_cfg, runs_root: str | Path) -> str:
 def artifact_location(mlflow_cfg, runs_root: str | Path) -> str | None:
     if mlflow_cfg.artifact_location:
         return mlflow_cfg.artifact_location
-    if mlflow_cfg.tracking_uri:  # a user's server decides where artifacts go
+    uri = mlflow_cfg.tracking_uri
+    if uri and uri.startswith("sqlite:///"):  # a local database: artifacts beside it, not in ./mlruns of the cwd
+        return (Path(uri[len("sqlite:///"):]).expanduser().resolve().parent / "mlartifacts").as_uri()
+    if uri:  # a user's server decides where artifacts go
         return None
     return (Path(runs_root).expanduser().resolve() / "mlartifacts").as_uri()
 

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Produce the example reports in reports/examples/: train one model, run the evaluation-only ablations on its
+# checkpoint (scoring rule, block length, remasking) and the SFT-epoch sweep (one SFT run, evaluated after
+# every epoch), then build every report from MLflow. The numbers in the reports come from this run.
+#
+#   One GPU (../shared/data must be reachable, see experiments/configs/small_gpu.yaml):
+#     bash reports/examples/run_example.sh
+#   The same pipeline on CPU with the tiny model (a smoke test, minutes):
+#     EXAMPLE_SCALE=cpu bash reports/examples/run_example.sh
+set -euo pipefail
+mkdir -p "${EXAMPLE_ROOT:-runs/example}"
+ROOT=$(cd "${EXAMPLE_ROOT:-runs/example}" && pwd)  # absolute: the MLflow URI and checkpoint paths need it
+OUT=${EXAMPLE_OUT:-reports/examples}
+URI="sqlite:///$ROOT/mlflow.db"
+if [[ "${EXAMPLE_SCALE:-gpu}" == cpu ]]; then
+  EXP=experiments/configs/default.yaml
+  TRAIN="pretrain.max_steps=60,sft.max_steps=20,progress_bar=false"
+  SFT="sft.data.train_files=[data/instruct/valid.jsonl]"
+  LIMIT=20
+else
+  EXP=experiments/configs/small_gpu.yaml
+  TRAIN="pretrain.max_time=00:00:04:00,sft.epochs=3,progress_bar=false"
+  SFT="progress_bar=false"  # (any one more override of the SFT run)
+  LIMIT=300
+fi
+CKPT="$ROOT/example"
+common=("tracking_uri=$URI" "experiment=$EXP")
+
+python -m experiments.run "$EXP" name=example "runs_root=$ROOT" "mlflow.tracking_uri=$URI" \
+  "mlflow.artifact_location=file://$ROOT/mlartifacts" resume=auto ${TRAIN//,/ } \
+  preview.num_prompts=0
+python -m sweeps.run sweeps/scoring_rule.yaml "${common[@]}" "checkpoint=$CKPT" "output_dir=$ROOT/sweeps/scoring_rule" \
+  "evaluation.overrides=[\"tasks=[cloze]\",limit=$LIMIT,mc_samples=32]"
+python -m sweeps.run sweeps/block_length.yaml "${common[@]}" "checkpoint=$CKPT" "output_dir=$ROOT/sweeps/block_length" \
+  "evaluation.overrides=[\"tasks=[synthetic]\",limit=$LIMIT,gen_length=64,steps=64]"
+python -m sweeps.run sweeps/remasking.yaml "${common[@]}" "checkpoint=$CKPT" "output_dir=$ROOT/sweeps/remasking" \
+  "evaluation.overrides=[\"tasks=[synthetic]\",limit=$LIMIT,gen_length=64,block_length=64,steps=64]"
+python -m sweeps.run sweeps/sft_epochs.yaml "${common[@]}" "output_dir=$ROOT/sweeps/sft_epochs" \
+  "overrides=[stage=sft,init_from=$CKPT/pretrain,\"$SFT\"]" \
+  "evaluation.overrides=[\"tasks=[synthetic]\",subset_size=$LIMIT,gen_length=32,block_length=32,steps=32]"
+for sweep in scoring_rule block_length remasking sft_epochs; do
+  python -m reports.make --sweep "$sweep" --tracking-uri "$URI" --out-root "$OUT"
+done

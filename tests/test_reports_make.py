@@ -1,0 +1,148 @@
+"""Reports from a fabricated MLflow store (runs created here through MLflow's API): table values, plots,
+commit/config citations, idempotent regeneration and the artifact on the parent run."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from mlflow import MlflowClient
+from mlflow.entities import Metric
+
+from illada_lightning.reporting import ReportError, build_report
+from illada_lightning.reporting.tables import mean_se
+from reports.make import main as make_main
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def _run(client, exp, name, tags=None, params=None, metrics=None, status="FINISHED"):
+    run = client.create_run(exp, run_name=name, tags={"git_commit": COMMIT, **(tags or {})})
+    for k, v in (params or {}).items():
+        client.log_param(run.info.run_id, k, v)
+    for k, v in (metrics or {}).items():
+        client.log_metric(run.info.run_id, k, v)
+    client.set_terminated(run.info.run_id, status)
+    return run.info.run_id
+
+
+def _history(client, run_id, key, points):
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(key, v, now, step) for step, v in points])
+
+
+def _parent(client, exp, sweep, space, objective):
+    return _run(client, exp, f"sweep-{sweep}", {"sweep.role": "parent", "sweep.name": sweep, "sweep.study": sweep,
+                                                "sweep.space": json.dumps(space), "sweep.objective": objective,
+                                                "sweep.direction": "maximize", "sweep.mode": "eval_only",
+                                                "sweep.sampler": "grid"}, status="RUNNING")
+
+
+def _trial(client, exp, parent, number, params, metrics, status="FINISHED", error=None):
+    tags = {"mlflow.parentRunId": parent, "sweep.role": "trial", "sweep.name": "x", "sweep.trial_number": str(number),
+            **{f"sweep.param.{k}": str(v) for k, v in params.items()}}
+    if error:
+        tags["sweep.error"] = error
+    return _run(client, exp, f"trial-{number}", tags, params, metrics, status)
+
+
+# Scoring rule x seed, the layout of iLLaDA Table 4: accuracies per (rule, seed).
+SCORING = {
+    ("likelihood", 0): {"piqa": 0.772, "arc_challenge": 0.602, "hellaswag": 0.743},
+    ("likelihood", 1): {"piqa": 0.772, "arc_challenge": 0.600, "hellaswag": 0.741},
+    ("confidence", 0): {"piqa": 0.790, "arc_challenge": 0.608, "hellaswag": 0.766},
+    ("confidence", 1): {"piqa": 0.780, "arc_challenge": 0.608, "hellaswag": 0.770},
+}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("store")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("abl", artifact_location=(root / "artifacts").as_uri())
+    ids = {}
+    ids["scoring"] = parent = _parent(client, exp, "scoring", ["eval.scoring_rule", "seed"], "eval/piqa/acc")
+    for number, ((rule, seed), accs) in enumerate(SCORING.items()):
+        _trial(client, exp, parent, number, {"eval.scoring_rule": rule, "seed": seed, "model.n_layers": 2},
+               {f"eval/{task}/{'acc_norm' if task == 'hellaswag' else 'acc'}": v for task, v in accs.items()})
+    _trial(client, exp, parent, 4, {"eval.scoring_rule": "broken", "seed": 0}, {}, status="FAILED",
+           error="RuntimeError: out of memory\ntraceback ...")
+    # SFT-epoch sweep with a training run (loss curve + plateau switch as a metric) under its base run.
+    ids["epochs"] = eparent = _parent(client, exp, "epochs", ["sft.epochs"], "eval/gsm8k/exact_match")
+    for number, (epochs, em) in enumerate([(1, 0.10), (2, 0.25), (4, 0.40)]):
+        _trial(client, exp, eparent, number, {"sft.epochs": epochs}, {"eval/gsm8k/exact_match": em})
+    base = _run(client, exp, "epochs-base", {"mlflow.parentRunId": eparent, "sweep.role": "base"},
+                {"optim.lr": "0.0002"}, {"lr_switch_step": 6.0})
+    _history(client, base, "train/loss", [(s, 5.0 - 0.3 * s) for s in range(10)])
+    # A plain experiment run whose switch is a tag, with per-epoch callback metrics.
+    plain = _run(client, exp, "plain-sft", {"plateau_switch_step": "4"}, {"sft.epochs": "3"})
+    _history(client, plain, "train/loss", [(s, 4.0 - 0.1 * s) for s in range(8)])
+    _history(client, plain, "eval/toy/acc", [(1, 0.30), (2, 0.45), (3, 0.50)])
+    return uri, client, ids
+
+
+def test_mean_and_standard_error():
+    mean, se, n = mean_se([0.790, 0.780])
+    assert (round(mean, 6), round(se, 6), n) == (0.785, 0.005, 2)
+    assert mean_se([0.5]) == (0.5, None, 1)
+
+
+def test_sweep_report_has_paper_layout_values_plots_and_citations(store, tmp_path):
+    uri, client, ids = store
+    report = build_report(uri, sweep="scoring", out_root=tmp_path)
+    md = report.path.read_text()
+    assert "Scoring rule × task (layout of iLLaDA Table 4)" in md
+    assert "| eval.scoring_rule | arc_challenge (acc) | hellaswag (acc_norm) | piqa (acc) | runs |" in md
+    # mean ± s.e. over the two seeds, in %: likelihood first (the order the trials ran in)
+    assert "| likelihood | 60.1 ± 0.1 | 74.2 ± 0.1 | 77.2 ± 0.0 | 2 |" in md
+    assert "| confidence | 60.8 ± 0.0 | 76.8 ± 0.2 | 78.5 ± 0.5 | 2 |" in md
+    assert md.index("| likelihood |") < md.index("| confidence |")
+    assert "Mean ± standard error over seed" in md
+    assert "| 4 | eval.scoring_rule=broken, seed=0 | RuntimeError: out of memory |" in md
+    assert "Best trial: #2 (eval.scoring_rule=confidence, seed=0): eval/piqa/acc = 0.7900" in md
+    # every cited run with its commit and its params
+    assert md.count(f"`{COMMIT[:12]}`") == 6  # parent + 4 trials + the failed one
+    assert "model.n_layers = 2" in md and f"commit <code>{COMMIT}</code>" in md
+    # idempotent: regenerating gives the same bytes
+    again = build_report(uri, sweep="scoring", out_root=tmp_path)
+    assert again.path.read_text() == md
+    # logged as an artifact of the parent run
+    assert report.logged_to == [ids["scoring"]]
+    names = {a.path for a in client.list_artifacts(ids["scoring"], "report")}
+    assert "report/report.md" in names
+
+
+def test_epoch_sweep_report_plots_the_curve_and_marks_the_plateau_switch(store, tmp_path):
+    uri, _, _ = store
+    report = build_report(uri, sweep="epochs", out_root=tmp_path, log_artifact=False)
+    md = report.path.read_text()
+    assert "SFT epochs × task (the numbers behind iLLaDA Fig. 1)" in md
+    for row in ("| 1 | 10.0 | 1 |", "| 2 | 25.0 | 1 |", "| 4 | 40.0 | 1 |"):
+        assert row in md
+    assert md.index("| 1 | 10.0") < md.index("| 2 | 25.0") < md.index("| 4 | 40.0")
+    assert "plateau LR switch at step 6" in md
+    for name in ("sft_epochs.png", "training_loss.png"):
+        png = (tmp_path / "epochs" / name).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+        assert f"]({name})" in md
+
+
+def test_experiment_report_reads_per_epoch_histories_and_switch_tags(store, tmp_path):
+    uri, _, _ = store
+    report = build_report(uri, experiment="abl", out_root=tmp_path, log_artifact=False)
+    md = report.path.read_text()
+    assert md.count("## Sweep `") == 2
+    assert "`plain-sft`" in md and "plateau LR switch at step 4" in md
+    assert (tmp_path / "abl" / "sft_epochs.png").exists()
+
+
+def test_cli_and_bad_names(store, tmp_path, capsys):
+    uri, _, _ = store
+    assert make_main(["--sweep", "epochs", "--tracking-uri", uri, "--out-root", str(tmp_path), "--no-log"]) == 0
+    assert (tmp_path / "epochs" / "report.md").exists()
+    assert make_main(["--sweep", "nope", "--tracking-uri", uri, "--out-root", str(tmp_path)]) == 2
+    assert "no sweep named 'nope'" in capsys.readouterr().err
+    with pytest.raises(ReportError, match="experiment 'missing' not found"):
+        build_report(uri, experiment="missing", out_root=tmp_path)
