@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import time
 from dataclasses import asdict
 
@@ -30,13 +28,7 @@ import torch.nn.functional as F
 
 from illada_lightning import build_model
 from illada_lightning.diffusion.sampler import generate
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except Exception:
-        return os.environ.get("GIT_COMMIT", "unknown")
+from illada_lightning.provenance import git_commit
 
 
 def environment(device: torch.device) -> dict:

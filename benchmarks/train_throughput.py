@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import time
 from dataclasses import asdict
 
@@ -36,15 +34,9 @@ from illada_lightning.data.packing import PackedRows, collate_packed_rows, pack_
 from illada_lightning.diffusion.objective import DiffusionConfig
 from illada_lightning.model.config import get_preset
 from illada_lightning.model.flops import training_flops
+from illada_lightning.provenance import git_commit
 from illada_lightning.training.config import OptimConfig, ScheduleConfig
 from illada_lightning.training.module import PretrainModule
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except Exception:
-        return os.environ.get("GIT_COMMIT", "unknown")
 
 
 def measured_matmul_tflops(device: torch.device, n: int = 8192, reps: int = 20) -> float | None:

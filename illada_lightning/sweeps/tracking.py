@@ -7,14 +7,13 @@ leaks between a sweep, its trials and the Lightning `MLFlowLogger` the training 
 from __future__ import annotations
 
 import json
-import subprocess
 import traceback
-from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
+from ..provenance import git_commit
 from .storage import sqlite_path
 
 PARENT_TAG = "mlflow.parentRunId"
@@ -25,18 +24,6 @@ MAX_ERROR_LEN = 4000
 
 class TrackingError(RuntimeError):
     """The MLflow tracking URI cannot be opened."""
-
-
-def git_commit() -> str:
-    """HEAD of the repository the code runs from ('unknown' outside git), logged on every run we create."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-            cwd=Path(__file__).resolve().parent, timeout=10,
-        )
-        return out.stdout.strip()
-    except Exception:  # not a checkout, or git missing
-        return "unknown"
 
 
 def client_for(tracking_uri: str) -> MlflowClient:

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
 from pathlib import Path
 from typing import Any
+
+from illada_lightning.provenance import git_commit
 
 from ..config import flatten, to_dict
 
@@ -48,15 +49,6 @@ def ui_command(uri: str) -> str:
     return f"mlflow ui --backend-store-uri {uri}"
 
 
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
-
-
 class Tracker:
     """The MLflow side of one experiment (rank 0 only)."""
 
@@ -71,7 +63,7 @@ class Tracker:
         self.experiment_id = self._experiment_id(cfg.mlflow.experiment_name,
                                                  artifact_location(cfg.mlflow, cfg.runs_root))
         self.runs = self._load_runs()
-        self.commit = git_commit()
+        self.commit = git_commit() if git_commit() != "unknown" else None
 
     def _experiment_id(self, name: str, location: str | None) -> str:
         found = self.client.get_experiment_by_name(name)

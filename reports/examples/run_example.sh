@@ -23,21 +23,25 @@ else
   SFT="progress_bar=false"  # (any one more override of the SFT run)
   LIMIT=300
 fi
+TRAIN=${EXAMPLE_TRAIN:-$TRAIN}          # e.g. a shorter pretraining when device time is short
+SWEEPS=${EXAMPLE_SWEEPS:-"scoring_rule block_length remasking sft_epochs"}
 CKPT="$ROOT/example"
 common=("tracking_uri=$URI" "experiment=$EXP")
 
 python -m experiments.run "$EXP" name=example "runs_root=$ROOT" "mlflow.tracking_uri=$URI" \
   "mlflow.artifact_location=file://$ROOT/mlartifacts" resume=auto ${TRAIN//,/ } \
   preview.num_prompts=0
-python -m sweeps.run sweeps/scoring_rule.yaml "${common[@]}" "checkpoint=$CKPT" "output_dir=$ROOT/sweeps/scoring_rule" \
+has() { [[ " $SWEEPS " == *" $1 "* ]]; }
+has scoring_rule && python -m sweeps.run sweeps/scoring_rule.yaml "${common[@]}" "checkpoint=$CKPT" "output_dir=$ROOT/sweeps/scoring_rule" \
   "evaluation.overrides=[\"tasks=[cloze]\",limit=$LIMIT,mc_samples=32]"
-python -m sweeps.run sweeps/block_length.yaml "${common[@]}" "checkpoint=$CKPT" "output_dir=$ROOT/sweeps/block_length" \
+has block_length && python -m sweeps.run sweeps/block_length.yaml "${common[@]}" "checkpoint=$CKPT" "output_dir=$ROOT/sweeps/block_length" \
   "evaluation.overrides=[\"tasks=[synthetic]\",limit=$LIMIT,gen_length=64,steps=64]"
-python -m sweeps.run sweeps/remasking.yaml "${common[@]}" "checkpoint=$CKPT" "output_dir=$ROOT/sweeps/remasking" \
+has remasking && python -m sweeps.run sweeps/remasking.yaml "${common[@]}" "checkpoint=$CKPT" "output_dir=$ROOT/sweeps/remasking" \
   "evaluation.overrides=[\"tasks=[synthetic]\",limit=$LIMIT,gen_length=64,block_length=64,steps=64]"
-python -m sweeps.run sweeps/sft_epochs.yaml "${common[@]}" "output_dir=$ROOT/sweeps/sft_epochs" \
+has sft_epochs && python -m sweeps.run sweeps/sft_epochs.yaml "${common[@]}" "output_dir=$ROOT/sweeps/sft_epochs" \
   "overrides=[stage=sft,init_from=$CKPT/pretrain,\"$SFT\"]" \
   "evaluation.overrides=[\"tasks=[synthetic]\",subset_size=$LIMIT,gen_length=32,block_length=32,steps=32]"
-for sweep in scoring_rule block_length remasking sft_epochs; do
+python -m reports.make --experiment illada-lightning --tracking-uri "$URI" --out-root "$OUT" || true
+for sweep in $SWEEPS; do
   python -m reports.make --sweep "$sweep" --tracking-uri "$URI" --out-root "$OUT"
 done
