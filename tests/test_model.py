@@ -207,3 +207,17 @@ def test_training_flops_known_values():
     # packing two documents costs less attention than one document of the same total length
     assert training_flops(cfg, [5, 5], 4) < training_flops(cfg, [10], 4)
     assert training_flops(cfg, [10], 4) - training_flops(cfg, [10], 0) == 6 * cfg.vocab_size * cfg.d_model * 4
+
+
+def test_sdpa_per_document_path_matches_reference_on_a_long_flat_row():
+    from illada_lightning.model.attention import _sdpa_per_document, attention
+
+    torch.manual_seed(3)
+    lengths = [5, 1, 9, 3, 7, 2]
+    T, H, Hkv, D = sum(lengths), 4, 2, 8
+    q, k, v = torch.randn(1, T, H, D), torch.randn(1, T, Hkv, D), torch.randn(1, T, Hkv, D)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    layout = make_layout(1, T, cu, None, "cpu")
+    ref = reference_attention(q[0], k[0], v[0], cu)
+    torch.testing.assert_close(_sdpa_per_document(q, k, v, layout)[0].double(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(attention(q, k, v, layout, "sdpa")[0].double(), ref, atol=1e-5, rtol=1e-5)

@@ -235,8 +235,8 @@ def _register_generated_tasks() -> None:
     from .synthetic_task import DEFAULT_PATH, load_synthetic
 
     register_task(Task(
-        "cloze", MULTIPLE_CHOICE, load_cloze, SHARED_DATA / "wikitext-2" / "test.txt",
-        "a held-out plain-text corpus (e.g. wikitext-2/test.txt): WikiText articles or blank-line-separated "
+        "cloze", MULTIPLE_CHOICE, load_cloze, SHARED_DATA / "wikitext-2" / "valid.txt",
+        "a held-out plain-text corpus (e.g. wikitext-2/valid.txt): WikiText articles or blank-line-separated "
         "paragraphs",
     ))
     register_task(Task(

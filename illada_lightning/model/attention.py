@@ -162,7 +162,10 @@ def _repeat_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def _sdpa(q, k, v, layout: PackedLayout) -> torch.Tensor:
-    H = q.shape[2]
+    B, L, H, _ = q.shape
+    n_docs = layout.cu_seqlens.numel() - 1
+    if layout.doc_ids is not None and n_docs * layout.max_seqlen**2 < B * L * L:
+        return _sdpa_per_document(q, k, v, layout)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, L, D]
     mask = None
     if layout.doc_ids is not None:
@@ -172,6 +175,27 @@ def _sdpa(q, k, v, layout: PackedLayout) -> torch.Tensor:
     k, v = _repeat_kv(k.transpose(1, 2), H).transpose(1, 2), _repeat_kv(v.transpose(1, 2), H).transpose(1, 2)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return out.transpose(1, 2)
+
+
+def _sdpa_per_document(q, k, v, layout: PackedLayout) -> torch.Tensor:
+    """SDPA over documents gathered into a padded [n_docs, max_seqlen] batch with a key-padding mask.
+
+    Costs n_docs * max_seqlen² instead of (batch * length)²: what makes a long flat row of many short
+    sequences (the sampler's and scorer's packed batches) affordable without a varlen kernel.
+    """
+    B, L, H, D = q.shape
+    n, m = layout.cu_seqlens.numel() - 1, layout.max_seqlen
+    slot = (layout.doc_ids * m + layout.position_ids).reshape(-1)  # token -> row-major slot in [n, m]
+
+    def gather(t):
+        padded = t.new_zeros(n * m, t.shape[2], D)
+        padded[slot] = t.reshape(B * L, t.shape[2], D)
+        return _repeat_kv(padded.view(n, m, t.shape[2], D), H).transpose(1, 2)  # [n, H, m, D]
+
+    lengths = (layout.cu_seqlens[1:] - layout.cu_seqlens[:-1]).long()
+    keep = (torch.arange(m, device=q.device) < lengths[:, None])[:, None, None, :]  # [n, 1, 1, m]
+    out = F.scaled_dot_product_attention(gather(q), gather(k), gather(v), attn_mask=keep)
+    return out.transpose(1, 2).reshape(n * m, H, D)[slot].view(B, L, H, D)
 
 
 def reference_attention(q, k, v, cu_seqlens: torch.Tensor) -> torch.Tensor:
