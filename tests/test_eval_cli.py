@@ -79,6 +79,7 @@ def test_cli_writes_results_and_logs_a_run_nested_under_the_training_run(tmp_pat
     (eval_run,) = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{sft_run}'")
     assert eval_run.data.metrics["eval/arc_challenge/acc"] == results["arc_challenge"]["acc"]
     assert eval_run.data.tags["illada.checkpoint"] == str(ckpt.resolve())
+    assert len(eval_run.data.tags["mlflow.source.git.commit"]) == 40  # the evaluated code is cited in reports
     assert eval_run.data.params["scoring_rule"] == "confidence" and eval_run.data.params["limit"] == "1"
     artifacts = {a.path for a in client.list_artifacts(eval_run.info.run_id, "eval")}
     assert {"eval/results.json", "eval/arc_challenge.examples.jsonl"} <= artifacts

@@ -20,6 +20,7 @@ import torch
 
 from illada_lightning.config import ConfigError, load_config
 
+from ..provenance import git_commit
 from .config import EvalConfig
 from .runner import evaluate
 
@@ -139,7 +140,8 @@ def log_to_mlflow(results: dict, cfg: EvaluateConfig, out: Path) -> str:
     uri = cfg.tracking_uri or store
     if uri:
         mlflow.set_tracking_uri(uri)
-    tags = {"illada.checkpoint": str(Path(cfg.ckpt).resolve()), "illada.eval.tasks": ",".join(cfg.tasks)}
+    tags = {"illada.checkpoint": str(Path(cfg.ckpt).resolve()), "illada.eval.tasks": ",".join(cfg.tasks),
+            "mlflow.source.git.commit": git_commit()}
     experiment_id = None
     if training_run is not None:
         try:
