@@ -180,7 +180,7 @@ def test_record_missing_a_field_names_file_and_line(tmp_path):
 def test_malformed_json_names_file_and_line(tmp_path):
     path = tmp_path / "test.jsonl"
     path.write_text(json.dumps(GSM8K_TEST[0]) + "\n{not json\n")
-    with pytest.raises(EvalDataError, match=r"test.jsonl:2: not valid JSON"):
+    with pytest.raises(EvalDataError, match=r"test.jsonl:2: malformed JSON"):
         load("gsm8k", path, num_fewshot=0)
 
 

@@ -8,11 +8,12 @@ field and raises `EvalDataError("file:line: ...")` when it is absent, so format 
 from __future__ import annotations
 
 import csv
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from ..data.corpus import DataFileError, read_jsonl_records
 
 
 class EvalDataError(ValueError):
@@ -63,17 +64,13 @@ class Record:
 
 
 def read_jsonl(path: Path) -> Iterator[Record]:
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                data = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise EvalDataError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
-            if not isinstance(data, dict):
-                raise EvalDataError(f"{path}:{line_no}: expected a JSON object, got {type(data).__name__}")
-            yield Record(data, path, line_no)
+    """Records of a jsonl file, through the data pipeline's reader (file:line errors for bad lines)."""
+    try:
+        records = read_jsonl_records(path)
+    except DataFileError as exc:
+        raise EvalDataError(str(exc)) from None
+    for line_no, data in records:
+        yield Record(data, path, line_no)
 
 
 def read_csv(path: Path) -> Iterator[Record]:
