@@ -19,6 +19,7 @@ pytest.importorskip("illada_lightning.training.experiment")
 pytest.importorskip("illada_lightning.evaluation.cli")
 
 REPO = Path(__file__).resolve().parents[1]
+HELD_OUT = REPO / "data" / "corpus" / "valid.txt"  # the shipped corpus: tests never read ../shared
 TINY = [
     "model.n_layers=2", "model.d_model=64", "model.n_heads=2", "model.n_kv_heads=1", "model.ffn_dim=128",
     "model.vocab_size=512", "model.max_seq_len=64", "tokenizer.vocab_size=512", "pretrain.data.max_seq_len=64",
@@ -57,8 +58,8 @@ def test_real_train_sweep_then_eval_only_sweep_then_report(tmp_path):
     evals = SweepSpec(
         name="tiny_scoring", mode="eval_only", checkpoint=str(checkpoint),
         space={"eval.scoring_rule": ParamSpec(choices=["likelihood", "confidence"])},
-        evaluation=EvaluationSpec(overrides=["tasks=[cloze]", "limit=6", "mc_samples=2", "cloze_items=6",
-                                             "device=cpu"]),
+        evaluation=EvaluationSpec(overrides=["tasks=[cloze]", f"data.cloze={HELD_OUT}", "limit=6", "mc_samples=2",
+                                             "cloze_items=6", "device=cpu"]),
         objective=ObjectiveSpec("eval/cloze/acc", "maximize"), output_dir=str(tmp_path / "sc"), tracking_uri=uri,
     )
     scored = run_sweep(evals)
@@ -84,7 +85,8 @@ def test_multirun_over_training_and_eval_keys_trains_each_config_once(tmp_path):
     # Through the experiment command line, exactly as a user types it.
     assert main([
         str(REPO / "experiments/configs/default.yaml"), "--multirun", *TINY, *cache, "pretrain.val_every_n_steps=0",
-        "eval.scoring_rule=likelihood,confidence", "eval.tasks=[cloze]", "eval.limit=4", "eval.mc_samples=2",
+        "eval.scoring_rule=likelihood,confidence", "eval.tasks=[cloze]", f"eval.data.cloze={HELD_OUT}", "eval.limit=4",
+        "eval.mc_samples=2",
         "eval.cloze_items=4", "eval.device=cpu", "sweep.objective.metric=eval/cloze/acc",
         f"sweep.output_dir={tmp_path / 'mr'}", f"sweep.tracking_uri={uri}",
     ]) == 0
