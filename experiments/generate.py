@@ -29,7 +29,7 @@ class GenerateConfig:
     system: str | None = None  # optional system message
     device: str = "auto"
     sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(
-        steps=64, gen_length=64, block_length=32, variable_length=True, max_new_tokens=256))
+        steps=128, gen_length=128, block_length=32, variable_length=True))  # budget: gen_length tokens
 
     def validate(self) -> GenerateConfig:
         if not self.ckpt:
@@ -43,20 +43,36 @@ def _device(name: str) -> torch.device:
     return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
 
 
+def sampler_options(model, n_prompt: int, cfg: GenerateConfig) -> dict:
+    """The sampler options, with a variable-length budget that would overrun the model's context shortened
+    to what fits (said on stderr; a fixed `gen_length` that does not fit stays an error)."""
+    options = asdict(cfg.sampler)
+    room = model.config.max_seq_len - n_prompt
+    budget = options["max_new_tokens"] or options["gen_length"]
+    if options["variable_length"] and 0 < room < budget:
+        print(f"note: max_new_tokens {budget} -> {room} (model.max_seq_len={model.config.max_seq_len}, "
+              f"prompt {n_prompt} tokens)", file=sys.stderr)
+        options["max_new_tokens"] = room
+        options["steps"] = max(1, options["steps"] * room // budget)
+    return options
+
+
+def generate_text(model, tokenizer, text: str, cfg: GenerateConfig) -> str:
+    ids = torch.tensor(tokenizer.encode(text), device=next(model.parameters()).device)
+    out = generate(model, ids, tokenizer=tokenizer, **sampler_options(model, len(ids), cfg))
+    return tokenizer.decode(out).strip()
+
+
 def reply(model, tokenizer, messages: list[dict], cfg: GenerateConfig) -> str:
     """One assistant turn for the conversation so far (the chat template of data/tokenizer.py)."""
-    text = tokenizer.format_chat(messages, add_generation_prompt=True)
-    ids = torch.tensor(tokenizer.encode(text), device=next(model.parameters()).device)
-    out = generate(model, ids, tokenizer=tokenizer, **asdict(cfg.sampler))
-    return tokenizer.decode(out).strip()
+    return generate_text(model, tokenizer, tokenizer.format_chat(messages, add_generation_prompt=True), cfg)
 
 
 def complete(model, tokenizer, prompt: str, cfg: GenerateConfig) -> str:
     if cfg.chat_template:
         messages = ([{"role": "system", "content": cfg.system}] if cfg.system else [])
         return reply(model, tokenizer, messages + [{"role": "user", "content": prompt}], cfg)
-    ids = torch.tensor(tokenizer.encode(prompt), device=next(model.parameters()).device)
-    return tokenizer.decode(generate(model, ids, tokenizer=tokenizer, **asdict(cfg.sampler)))
+    return generate_text(model, tokenizer, prompt, cfg)
 
 
 def chat_loop(model, tokenizer, cfg: GenerateConfig, read=input, write=print) -> list[dict]:

@@ -55,3 +55,16 @@ def test_cli_runs_and_bad_input_is_clear(ckpt):
     out = subprocess.run([sys.executable, "-m", "experiments.generate", "ckpt=/nonexistent/x.pt", "prompt=hi"],
                          capture_output=True, text=True)
     assert out.returncode == 2 and "nonexistent" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_variable_length_budget_is_shortened_to_the_model_context(ckpt, capsys):
+    from experiments.generate import sampler_options
+
+    model, _ = load_checkpoint(ckpt)
+    cfg = load_config(GenerateConfig, None, [f"ckpt={ckpt}", "prompt=x", "sampler.max_new_tokens=300",
+                                             "sampler.steps=300"])
+    opts = sampler_options(model, n_prompt=56, cfg=cfg)
+    assert opts["max_new_tokens"] == 200 and opts["steps"] == 200  # 256 - 56, steps scaled alike
+    assert "max_new_tokens 300 -> 200" in capsys.readouterr().err
+    fixed = load_config(GenerateConfig, None, [f"ckpt={ckpt}", "prompt=x", "sampler.variable_length=false"])
+    assert sampler_options(model, n_prompt=10, cfg=fixed)["gen_length"] == 128  # fixed length is never changed
