@@ -37,6 +37,7 @@ from illada_lightning.model.flops import training_flops
 from illada_lightning.provenance import git_commit
 from illada_lightning.training.config import OptimConfig, ScheduleConfig
 from illada_lightning.training.module import PretrainModule
+from illada_lightning.training.strategy import make_strategy
 
 
 def measured_matmul_tflops(device: torch.device, n: int = 8192, reps: int = 20) -> float | None:
@@ -157,6 +158,7 @@ def run(args) -> dict:
     module = PretrainModule(
         cfg, DiffusionConfig(), OptimConfig(lr=1e-4, warmup_steps=10), ScheduleConfig(plateau_switch=False),
         seed=args.seed, activation_checkpointing=args.activation_checkpointing,
+        sharded_grads=args.strategy == "fsdp",
     )
     if args.compile:
         module.model.compile_blocks()
@@ -173,33 +175,41 @@ def run(args) -> dict:
     callbacks = [timer]
     if args.profile:
         callbacks.append(ProfileLastSteps(n_batches - 2, args.profile))
+    accelerator = "gpu" if device.type == "cuda" else "cpu"
     trainer = pl.Trainer(
-        accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, precision=args.precision,
+        accelerator=accelerator, devices=args.devices, precision=args.precision,
+        # the library's strategy factory, as `experiments.run strategy=...` uses it
+        strategy=make_strategy(args.strategy, accelerator, str(args.devices)),
         max_steps=n_batches, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, gradient_clip_val=1.0, num_sanity_val_steps=0, limit_val_batches=0,
-        callbacks=callbacks,
+        callbacks=callbacks, use_distributed_sampler=False,  # every rank runs the same number of batches
     )
     loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False, pin_memory=device.type == "cuda")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     trainer.fit(module, loader)
+    if not trainer.is_global_zero:
+        return None
+    world = trainer.world_size
     times = timer.seconds()[args.warmup:]
     timed = batches[args.warmup:]
     n_masked = [int(c) for c in masked_counts[args.warmup:]]
     real_tokens = [int(b["loss_mask"].sum()) if b["loss_mask"] is not None else b["input_ids"].numel() for b in timed]
     flops = [training_flops(cfg, useful_lengths(b), m) for b, m in zip(timed, n_masked)]
     peak = measured_matmul_tflops(device)
-    total_time = sum(times)
+    # Every rank processes the same amount of work (its own masks): rank 0's counts times the world size.
+    elapsed = sum(times)
     result = {
         "preset": args.preset, "seq_len": args.seq_len, "batch_size": args.batch_size,
         "backend": "sdpa" if args.padded else args.backend, "packing": not args.padded, "precision": args.precision,
-        "compile": args.compile, "activation_checkpointing": args.activation_checkpointing, "strategy": "single",
+        "compile": args.compile, "activation_checkpointing": args.activation_checkpointing,
+        "strategy": args.strategy, "world_size": world,
         "p_split": 0.0 if args.padded else args.p_split, "steps": args.steps,
-        "tokens_per_s": sum(real_tokens) / total_time,
+        "tokens_per_s": world * sum(real_tokens) / elapsed,
         "step_s_median": statistics.median(times), "step_s_min": min(times), "step_s_max": max(times),
-        "model_tflops_per_s": sum(flops) / total_time / 1e12,
+        "model_tflops_per_s": world * sum(flops) / elapsed / 1e12,
         "matmul_peak_tflops": peak,
-        "mfu": (sum(flops) / total_time / 1e12 / peak) if peak else None,
+        "mfu": (sum(flops) / elapsed / 1e12 / peak) if peak else None,  # per device
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "commit": git_commit(), "model": asdict(cfg),
@@ -234,6 +244,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--strategy", default="auto", choices=["auto", "ddp", "fsdp"])
+    p.add_argument("--devices", type=int, default=1, help="GPUs (or CPU processes) on this node")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="append the JSON line to this file")
     p.add_argument("--profile", default=None, help="write a profiler table of the last 2 steps to this file")
@@ -245,6 +257,8 @@ def main(argv=None) -> dict:
     if args.device == "cpu" and args.precision == "bf16-mixed":
         args.precision = "32-true"
     result = run(args)
+    if result is None:  # not rank 0
+        return None
     print_table([result])
     line = json.dumps(result)
     if args.out:

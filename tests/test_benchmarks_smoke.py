@@ -29,3 +29,21 @@ def test_padded_baseline_counts_only_real_tokens():
 def test_sampler_and_scoring_benchmarks_smoke(tmp_path):
     assert sampler_bench.main(["--preset", "tiny", "--device", "cpu", "--out", str(tmp_path / "s.jsonl")])
     assert scoring_bench.main(["--preset", "tiny", "--device", "cpu", "--out", str(tmp_path / "c.jsonl")])
+
+
+def test_train_throughput_through_the_strategy_factory_with_two_processes(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "ddp.jsonl"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.train_throughput", "--preset", "tiny", "--device", "cpu", "--seq-len", "64",
+         "--batch-size", "2", "--steps", "2", "--warmup", "1", "--strategy", "ddp", "--devices", "2",
+         "--out", str(out)],
+        cwd=repo, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]  # rank 0 alone writes
+    assert row["strategy"] == "ddp" and row["world_size"] == 2 and row["tokens_per_s"] > 0
