@@ -43,10 +43,11 @@ import logging
 import math
 import numbers
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 
+from ..options import reject_unknown
 from .packed_inference import (
     PRECISIONS,
     PackedForward,
@@ -145,10 +146,7 @@ class SamplerConfig:
 
 def sampler_config(**options) -> SamplerConfig:
     """Build and validate a SamplerConfig; an unknown option is a TypeError naming it."""
-    known = {f.name for f in fields(SamplerConfig)}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise TypeError(f"unknown sampler option(s) {unknown}; valid options: {sorted(known)}")
+    reject_unknown(SamplerConfig, options, "sampler")
     for key in ("stop_token_ids", "stop_strings"):
         if key in options and options[key] is not None:
             options[key] = list(options[key])

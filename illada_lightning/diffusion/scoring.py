@@ -23,10 +23,11 @@ finish (they are at its end, so the pack is a prefix slice), so each of the L st
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
+from ..options import reject_unknown
 from .packed_inference import (
     PRECISIONS,
     PackedForward,
@@ -67,10 +68,7 @@ class ScoringConfig:
 
 
 def scoring_config(**options) -> ScoringConfig:
-    known = {f.name for f in fields(ScoringConfig)}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise TypeError(f"unknown scoring option(s) {unknown}; valid options: {sorted(known)}")
+    reject_unknown(ScoringConfig, options, "scoring")
     return ScoringConfig(**options).validate()
 
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import fields, replace
+from contextlib import nullcontext
 
 import torch
 
-from .config import ModelConfig, get_preset
+from .config import ModelConfig, get_preset, with_overrides
 from .transformer import MaskPredictor
 
 
@@ -20,20 +20,7 @@ def build_model(
     if isinstance(preset_or_config, str):
         cfg = get_preset(preset_or_config, **overrides)
     else:
-        if isinstance(preset_or_config, dict):
-            preset_or_config = ModelConfig(**preset_or_config)
-        known = {f.name for f in fields(ModelConfig)}
-        unknown = set(overrides) - known
-        if unknown:
-            raise TypeError(f"unknown model config key(s) {sorted(unknown)}; valid keys: {sorted(known)}")
-        cfg = replace(preset_or_config, **overrides).validate()
-    with torch.device(device) if device is not None else _nullcontext():
+        base = ModelConfig(**preset_or_config) if isinstance(preset_or_config, dict) else preset_or_config
+        cfg = with_overrides(base, **overrides)
+    with torch.device(device) if device is not None else nullcontext():
         return MaskPredictor(cfg)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
+
+from ..options import reject_unknown
 
 ATTENTION_BACKENDS = ("auto", "varlen", "flash_attn", "sdpa")
 
@@ -107,8 +109,10 @@ def get_preset(name: str, **overrides) -> ModelConfig:
     """Return a copy of a named preset, with field overrides applied and validated."""
     if name not in PRESETS:
         raise KeyError(f"unknown model preset {name!r}; available presets: {', '.join(PRESETS)}")
-    known = {f.name for f in fields(ModelConfig)}
-    unknown = set(overrides) - known
-    if unknown:
-        raise TypeError(f"unknown model config key(s) {sorted(unknown)}; valid keys: {sorted(known)}")
-    return replace(PRESETS[name], **overrides).validate()
+    return with_overrides(PRESETS[name], **overrides)
+
+
+def with_overrides(cfg: ModelConfig, **overrides) -> ModelConfig:
+    """A validated copy of `cfg` with field overrides; an unknown field is a TypeError naming it."""
+    reject_unknown(ModelConfig, overrides, "model config", "key")
+    return replace(cfg, **overrides).validate()
