@@ -19,8 +19,6 @@ depends on batch shape, so near-ties may flip). tokens/s counts generated tokens
 from __future__ import annotations
 
 import argparse
-import json
-import time
 from dataclasses import asdict
 
 import torch
@@ -28,34 +26,8 @@ import torch.nn.functional as F
 
 from illada_lightning import build_model
 from illada_lightning.diffusion.sampler import generate
-from illada_lightning.provenance import git_commit
 
-
-def environment(device: torch.device) -> dict:
-    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "torch": torch.__version__, "commit": git_commit()}
-
-
-def timed(fn, device: torch.device) -> tuple[object, float]:
-    """(result, seconds), synchronising the device around the call."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return out, time.perf_counter() - start
-
-
-def precision_scope(device: torch.device, dtype: str):
-    if device.type == "cuda" and dtype == "bf16":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast(device.type, enabled=False)
-
-
-def set_exact_fp32(on: bool) -> None:
-    torch.backends.cuda.matmul.allow_tf32 = not on
-    torch.backends.cudnn.allow_tf32 = not on
+from .common import emit, environment, fill_preset_defaults, precision_scope, set_exact_fp32, timed
 
 
 def random_prompts(n: int, min_len: int, max_len: int, vocab: int, seed: int) -> list[list[int]]:
@@ -186,12 +158,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="append one JSON line per run to this file")
     args = p.parse_args(argv)
-    for key, value in PRESET_DEFAULTS[args.preset].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.dtype is None:
-        args.dtype = "bf16" if args.device.startswith("cuda") else "fp32"
-    return args
+    return fill_preset_defaults(args, PRESET_DEFAULTS[args.preset])
 
 
 def main(argv=None) -> list[dict]:
@@ -201,11 +168,7 @@ def main(argv=None) -> list[dict]:
         args_i = argparse.Namespace(**{**vars(args), "cfg_scale": cfg_scale})
         row = run(args_i)
         rows.append(row)
-        line = json.dumps(row)
-        print(line)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(line + "\n")
+        emit(row, args.out)
     print_table(rows, f"sampler vs LLaDA reference ({rows[0]['device']}, {args.dtype})")
     return rows
 

@@ -19,7 +19,6 @@ Throughput is candidate tokens scored per second; the reference is timed on `--r
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from dataclasses import asdict
 
@@ -30,7 +29,7 @@ from illada_lightning import build_model
 from illada_lightning.diffusion.likelihood import mask_exactly, stratified_mask_counts
 from illada_lightning.diffusion.scoring import score_batch
 
-from .sampler_bench import environment, precision_scope, set_exact_fp32, timed
+from .common import emit, environment, fill_preset_defaults, precision_scope, set_exact_fp32, timed
 
 
 def random_items(n: int, ctx_range, cand_range, n_choices: int, vocab: int, seed: int, single_token=False):
@@ -181,12 +180,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="append one JSON line per run to this file")
     args = p.parse_args(argv)
-    for key, value in PRESET_DEFAULTS[args.preset].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.dtype is None:
-        args.dtype = "bf16" if args.device.startswith("cuda") else "fp32"
-    return args
+    return fill_preset_defaults(args, PRESET_DEFAULTS[args.preset])
 
 
 def main(argv=None) -> list[dict]:
@@ -195,11 +189,7 @@ def main(argv=None) -> list[dict]:
     for rule in args.rules:
         row = run(args, rule)
         rows.append(row)
-        line = json.dumps(row)
-        print(line)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(line + "\n")
+        emit(row, args.out)
     print(f"\nscoring vs reference ({rows[0]['device']}, {args.dtype})")
     print(f"{'config':40} {'identical':>9} {'fast tok/s':>11} {'ref tok/s':>10} {'ratio':>7}")
     for r in rows:

@@ -21,7 +21,6 @@ Writes one JSON line per configuration (`--out`) and prints a table.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from dataclasses import asdict
@@ -38,6 +37,8 @@ from illada_lightning.provenance import git_commit
 from illada_lightning.training.config import OptimConfig, ScheduleConfig
 from illada_lightning.training.module import PretrainModule
 from illada_lightning.training.strategy import make_strategy
+
+from .common import emit
 
 
 def measured_matmul_tflops(device: torch.device, n: int = 8192, reps: int = 20) -> float | None:
@@ -260,11 +261,7 @@ def main(argv=None) -> dict:
     if result is None:  # not rank 0
         return None
     print_table([result])
-    line = json.dumps(result)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(line + "\n")
-    print(line)
+    emit(result, args.out)
     return result
 
 

@@ -1,0 +1,59 @@
+"""What the benchmark scripts share: device facts, timing, precision, preset defaults and the JSON-line output.
+
+Importable without mlflow/optuna/omegaconf (the GPU machine lacks them)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from illada_lightning.provenance import git_commit
+
+
+def environment(device: torch.device) -> dict:
+    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "commit": git_commit()}
+
+
+def timed(fn, device: torch.device) -> tuple[object, float]:
+    """(result, seconds), synchronising the device around the call."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return out, time.perf_counter() - start
+
+
+def precision_scope(device: torch.device, dtype: str):
+    if device.type == "cuda" and dtype == "bf16":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast(device.type, enabled=False)
+
+
+def set_exact_fp32(on: bool) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = not on
+    torch.backends.cudnn.allow_tf32 = not on
+
+
+def fill_preset_defaults(args: argparse.Namespace, defaults: dict) -> argparse.Namespace:
+    """Options left unset take the preset's defaults; timing precision bf16 on CUDA, fp32 elsewhere."""
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.dtype is None:
+        args.dtype = "bf16" if args.device.startswith("cuda") else "fp32"
+    return args
+
+
+def emit(row: dict, out: str | None) -> None:
+    """Print the row as one JSON line and append it to `out` when given."""
+    line = json.dumps(row)
+    print(line)
+    if out:
+        with open(out, "a") as f:
+            f.write(line + "\n")
