@@ -11,8 +11,13 @@ import torch
 import torch.nn as nn
 
 from illada_lightning import build_model
-from illada_lightning.diffusion.likelihood import stratified_mask_counts
-from illada_lightning.diffusion.scoring import score_batch, score_choices, stratified_counts_batched
+from illada_lightning.diffusion.likelihood import (
+    STRATIFICATIONS,
+    grouped_mask_counts,
+    stratified_counts,
+    stratified_mask_counts,
+)
+from illada_lightning.diffusion.scoring import score_batch, score_choices
 
 MASK = 3
 
@@ -190,22 +195,32 @@ def test_likelihood_cfg_zero_equals_plain_and_cfg_changes_scores(model):
     assert torch.equal(a, b) and not torch.allclose(a, c)
 
 
-def test_stratified_counts_follow_the_single_candidate_formula():
+def test_grouped_counts_follow_the_single_group_formula():
     lengths, n = torch.tensor([5, 3, 7]), torch.tensor([8, 8, 6])
-    counts = stratified_counts_batched(lengths, n, group=4, generator=torch.Generator().manual_seed(0))
-    offset = 0
-    for L, total in zip(lengths.tolist(), n.tolist()):
-        for g0 in range(0, total, 4):
-            size = min(4, total - g0)
-            group = counts[offset + g0 : offset + g0 + size]
-            start = int(group[0])  # the group's random start in 1..L
-            # likelihood.stratified_mask_counts with this start:
-            spacing = torch.round(start + torch.arange(size, dtype=torch.float64) * (L / size)).long()
-            assert torch.equal(group, (spacing - 1) % L + 1)
-        offset += total
-    many = stratified_counts_batched(torch.tensor([6]), torch.tensor([6000]), group=1)
+    for mode in STRATIFICATIONS:
+        counts = grouped_mask_counts(lengths, n, group=4, generator=torch.Generator().manual_seed(0), mode=mode)
+        offset = 0
+        for L, total in zip(lengths.tolist(), n.tolist()):
+            for g0 in range(0, total, 4):
+                size = min(4, total - g0)
+                group = counts[offset + g0 : offset + g0 + size]
+                start = torch.tensor(int(group[0]))  # index 0 of a group is its random start in 1..L
+                expected = stratified_counts(torch.tensor(L), torch.arange(size), torch.tensor(size), start, mode)
+                assert torch.equal(group, expected)
+            offset += total
+    many = grouped_mask_counts(torch.tensor([6]), torch.tensor([6000]), group=1)
     assert torch.bincount(many, minlength=7)[1:].min() > 850  # starts uniform over 1..L
     assert stratified_mask_counts(4, 5).max() <= 5
+
+
+def test_likelihood_scores_follow_the_stratification_option(model):
+    kw = dict(rule="likelihood", mc_samples=8, mc_batch_size=8, seed=3)
+    a = score_choices(model, [5, 6], [[7, 8, 9, 10], [9, 10]], **kw)
+    b = score_choices(model, [5, 6], [[7, 8, 9, 10], [9, 10]], mc_stratification="uniform", **kw)
+    c = score_choices(model, [5, 6], [[7, 8, 9, 10], [9, 10]], mc_stratification="llada_released", **kw)
+    assert torch.equal(a, b) and not torch.equal(a, c)  # L = 4, n = 8 hits halves: the two rules differ
+    with pytest.raises(ValueError, match="mc_stratification"):
+        score_choices(model, [5, 6], [[7, 8]], mc_stratification="rounded", **kw)
 
 
 @pytest.mark.parametrize(

@@ -3,8 +3,14 @@
 For an answer r0 of length L after a prompt p0: draw l ~ U{1..L}, mask exactly l answer tokens chosen
 uniformly without replacement, and score (L / l) * sum over masked positions of log p(r0^i | p0, r_l).
 Averaged over samples this estimates the NELBO-based log-likelihood bound (exact in expectation for a
-model whose conditionals are consistent). As in LLaDA's released evaluation code, the l of one
-Monte-Carlo batch are stratified: evenly spaced over 1..L from a random offset, not drawn independently.
+model whose conditionals are consistent). As in LLaDA's released evaluation code, the l of one group of
+Monte-Carlo samples are stratified: evenly spaced over 1..L from a random start, not drawn independently.
+
+`stratified_mask_counts` is the one place the l are chosen (the scorer of `scoring.py` uses it too). Its default
+("uniform") uses integer arithmetic so that every l in 1..L is equally likely for every sample, which keeps the
+estimate unbiased. "llada_released" reproduces the released `eval_llada.py` (`torch.round` of a linspace): round
+half to even favours even l whenever i * L / n ends in .5 (L = 4, n = 32: 7/32, 9/32, 7/32, 9/32), a bias that
+depends on the candidate's length; keep it only to match published numbers.
 """
 
 from __future__ import annotations
@@ -13,11 +19,48 @@ import torch
 import torch.nn.functional as F
 
 
-def stratified_mask_counts(n: int, length: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """n values of l in {1..length}: evenly spaced (step length/n) from a uniform random start, wrapped."""
-    start = torch.randint(1, length + 1, (1,), generator=generator).item()
-    ls = torch.round(start + torch.arange(n, dtype=torch.float64) * (length / n)).long()
-    return (ls - 1) % length + 1
+STRATIFICATIONS = ("uniform", "llada_released")
+
+
+def stratified_counts(lengths: torch.Tensor, index: torch.Tensor, group_size: torch.Tensor, start: torch.Tensor,
+                      mode: str = "uniform") -> torch.Tensor:
+    """Mask count l in 1..L of sample `index` (0-based) in a group of `group_size` samples with random `start`.
+
+    Elementwise over long tensors. "uniform": l = (start - 1 + floor(index * L / n)) mod L + 1, a shift of the
+    start, so over the L equally likely starts every l occurs exactly once (Eq. 6 as written).
+    "llada_released": round(start + index * L / n) with round half to even, wrapped (biased, see module doc).
+    """
+    if mode == "uniform":
+        return (start - 1 + torch.div(index * lengths, group_size, rounding_mode="floor")) % lengths + 1
+    if mode == "llada_released":
+        ls = torch.round(start.double() + index.double() * (lengths.double() / group_size.double())).long()
+        return (ls - 1) % lengths + 1
+    raise ValueError(f"mc_stratification must be one of {STRATIFICATIONS}, got {mode!r}")
+
+
+def grouped_mask_counts(lengths: torch.Tensor, n_samples: torch.Tensor, group: int,
+                        generator: torch.Generator | None = None, mode: str = "uniform") -> torch.Tensor:
+    """Mask counts for `n_samples[c]` samples of every candidate c of length `lengths[c]`, stratified within
+    consecutive groups of `group` samples, each group with its own uniform start in 1..L.
+
+    Returns long [sum(n_samples)], candidate-major."""
+    lengths, n_samples = lengths.long(), n_samples.long()
+    cand = torch.repeat_interleave(torch.arange(len(lengths)), n_samples)
+    first = torch.cumsum(n_samples, 0) - n_samples
+    sample = torch.arange(int(n_samples.sum())) - first[cand]
+    g = sample // group
+    size = torch.clamp(n_samples[cand] - g * group, max=group)  # samples in this group
+    n_groups = (n_samples + group - 1) // group
+    group_id = (torch.cumsum(n_groups, 0) - n_groups)[cand] + g
+    group_len = lengths.repeat_interleave(n_groups)
+    start = (torch.rand(len(group_len), generator=generator, dtype=torch.float64) * group_len).long() + 1
+    return stratified_counts(lengths[cand], sample % group, size, start[group_id], mode)
+
+
+def stratified_mask_counts(n: int, length: int, generator: torch.Generator | None = None,
+                           mode: str = "uniform") -> torch.Tensor:
+    """One group of n mask counts for an answer of `length` tokens (see `grouped_mask_counts`)."""
+    return grouped_mask_counts(torch.tensor([length]), torch.tensor([n]), n, generator, mode)
 
 
 def mask_exactly(counts: torch.Tensor, length: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -53,11 +96,13 @@ def mc_log_likelihood(
     cfg_scale: float = 0.0,
     generator: torch.Generator | None = None,
     return_samples: bool = False,
+    mc_stratification: str = "uniform",
 ):
     """Monte-Carlo estimate of log p(answer | prompt) via Eq. 6 (higher is more likely).
 
     `model(ids [B, L]) -> logits [B, L, V]`. With `cfg_scale > 0` the unconditional branch (prompt fully
-    masked) runs in the same batch. Returns a float tensor (and the per-sample values if asked).
+    masked) runs in the same batch. `mc_stratification` chooses the mask counts (see
+    `stratified_counts`). Returns a float tensor (and the per-sample values if asked).
     """
     if answer_ids.numel() == 0:
         raise ValueError("cannot score an empty answer (zero tokens)")
@@ -69,7 +114,7 @@ def mc_log_likelihood(
     values = []
     for done in range(0, mc_samples, mc_batch_size):
         n = min(mc_batch_size, mc_samples - done)
-        counts = stratified_mask_counts(n, L, generator)
+        counts = stratified_mask_counts(n, L, generator, mc_stratification)
         masked = mask_exactly(counts, L, generator).to(device)
         noisy = full.repeat(n, 1)
         noisy[:, P:][masked] = mask_token_id

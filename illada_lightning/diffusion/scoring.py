@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from ..options import reject_unknown
+from .likelihood import STRATIFICATIONS, grouped_mask_counts
 from .packed_inference import (
     PRECISIONS,
     PackedForward,
@@ -48,6 +49,7 @@ class ScoringConfig:
     cfg_scale: float = 0.0  # unsupervised CFG (LLaDA Eq. 16), both branches in one forward
     mc_samples: int = 128  # likelihood rule: Monte-Carlo samples per candidate (1 for one-token candidates)
     mc_batch_size: int = 32  # likelihood rule: samples per stratified group of mask counts
+    mc_stratification: str = "uniform"  # likelihood rule: uniform (Eq. 6) | llada_released (eval_llada.py's rounding)
     max_tokens_per_batch: int = 32768  # tokens per forward (both CFG branches counted)
     mask_token_id: int | None = None  # default: model.config.mask_token_id
     seed: int | None = None  # likelihood rule: mask sampling
@@ -62,6 +64,8 @@ class ScoringConfig:
         need(self.cfg_scale >= 0, f"cfg_scale must be >= 0, got {self.cfg_scale}")
         need(self.mc_samples >= 1, f"mc_samples must be >= 1, got {self.mc_samples}")
         need(self.mc_batch_size >= 1, f"mc_batch_size must be >= 1, got {self.mc_batch_size}")
+        need(self.mc_stratification in STRATIFICATIONS,
+             f"mc_stratification must be one of {STRATIFICATIONS}, got {self.mc_stratification!r}")
         need(self.max_tokens_per_batch >= 1, f"max_tokens_per_batch must be >= 1, got {self.max_tokens_per_batch}")
         need(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         return self
@@ -184,24 +188,6 @@ def _confidence_scores(model, pairs: list[_Pair], mask_id: int, config: ScoringC
 # Likelihood rule (LLaDA Eq. 6)
 
 
-def stratified_counts_batched(lengths: torch.Tensor, n_samples: torch.Tensor, group: int,
-                              generator: torch.Generator | None = None) -> torch.Tensor:
-    """Mask counts l for every sample of every candidate, stratified within groups of `group` samples
-    exactly as `likelihood.stratified_mask_counts` does for one group: evenly spaced (step L/n) from a
-    uniform random start in 1..L, wrapped. Returns long [sum(n_samples)] (candidate-major)."""
-    cand = torch.repeat_interleave(torch.arange(len(lengths)), n_samples)
-    sample = torch.arange(int(n_samples.sum())) - cu_seqlens_from_lengths(n_samples).long()[cand]
-    g = sample // group
-    size = torch.minimum(n_samples[cand] - g * group, torch.tensor(group))  # samples in this group
-    n_groups = (n_samples + group - 1) // group
-    group_id = cu_seqlens_from_lengths(n_groups).long()[cand] + g
-    L = lengths.double()
-    start = (torch.rand(int(n_groups.sum()), generator=generator, dtype=torch.float64)
-             * L.repeat_interleave(n_groups)).floor() + 1  # uniform in 1..L per group
-    ls = torch.round(start[group_id] + (sample % group).double() * (L[cand] / size.double())).long()
-    return (ls - 1) % lengths[cand] + 1
-
-
 class _PairTable:
     """Every pair's tokens (context then candidate) in one flat host tensor, for vectorised row building."""
 
@@ -250,7 +236,8 @@ def _likelihood_rows(model, table: _PairTable, cand_of_row, counts, mask_id, cfg
 def _likelihood_scores(model, pairs, mask_id, config: ScoringConfig, device, generator) -> torch.Tensor:
     table = _PairTable(pairs)
     n_samples = torch.where(table.cand_lens == 1, 1, config.mc_samples)
-    counts = stratified_counts_batched(table.cand_lens, n_samples, config.mc_batch_size, generator)
+    counts = grouped_mask_counts(table.cand_lens, n_samples, config.mc_batch_size, generator,
+                                 config.mc_stratification)
     cand_of_row = torch.repeat_interleave(torch.arange(len(pairs)), n_samples)
     factor = 2 if config.cfg_scale else 1
     sizes = ((table.ctx_lens + table.cand_lens)[cand_of_row] * factor).tolist()

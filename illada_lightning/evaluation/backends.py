@@ -37,7 +37,7 @@ def model_scorer(model, cfg: EvalConfig) -> ChoiceScorer:
     options = {}
     if cfg.scoring_rule == "likelihood":
         options = dict(mc_samples=cfg.mc_samples, mc_batch_size=cfg.mc_batch_size, cfg_scale=cfg.cfg_scale,
-                       generator=generator)
+                       mc_stratification=cfg.mc_stratification, generator=generator)
 
     def score(items: Sequence[Item]) -> list[list[float]]:
         scores = score_batch(model, list(items), rule=cfg.scoring_rule, **options)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..diffusion.likelihood import STRATIFICATIONS
+
 SCORING_RULES = ("confidence", "likelihood")
 REMASKING = ("low_confidence", "random")
 
@@ -23,6 +25,9 @@ class EvalConfig:
     scoring_rule: str = "confidence"
     mc_samples: int = 128  # LLaDA B.6: 128 Monte-Carlo samples are enough for stable multi-token answers
     mc_batch_size: int = 32
+    # Mask counts of the likelihood rule: "uniform" (Eq. 6 as written, unbiased) or "llada_released" (the
+    # rounding of LLaDA's eval_llada.py, to match published numbers; see diffusion/likelihood.py).
+    mc_stratification: str = "uniform"
     cfg_scale: float = 0.0
     # First `limit` examples of each task (None: all), as lm-evaluation-harness does.
     limit: int | None = None
@@ -72,6 +77,8 @@ class EvalConfig:
 
         need(len(self.tasks) > 0, "tasks is empty; name at least one task")
         need(self.scoring_rule in SCORING_RULES, f"scoring_rule={self.scoring_rule!r} is not one of {SCORING_RULES}")
+        need(self.mc_stratification in STRATIFICATIONS,
+             f"mc_stratification={self.mc_stratification!r} is not one of {STRATIFICATIONS}")
         need(self.remasking in REMASKING, f"remasking={self.remasking!r} is not one of {REMASKING}")
         for key in ("mc_samples", "mc_batch_size", "batch_size", "gen_length", "block_length", "steps",
                     "max_new_tokens", "every_n_epochs", "cloze_items", "cloze_context_words",

@@ -34,6 +34,7 @@ def _as_bool(value) -> bool:
 class IlladaLM(LM):
     def __init__(self, ckpt: str | None = None, model=None, tokenizer=None, scoring_rule: str = "confidence",
                  mc_samples: int = 128, mc_batch_size: int = 32, cfg_scale: float = 0.0, batch_size: int = 16,
+                 mc_stratification: str = "uniform",
                  block_length: int = 32, device: str = "auto", seed: int = 1234, chat_template=False, **_):
         super().__init__()
         if model is None:
@@ -48,7 +49,8 @@ class IlladaLM(LM):
             raise ValueError(f"scoring_rule={scoring_rule!r} is not 'confidence' or 'likelihood'")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.scoring_rule = scoring_rule
-        self.options = dict(mc_samples=int(mc_samples), mc_batch_size=int(mc_batch_size), cfg_scale=float(cfg_scale))
+        self.options = dict(mc_samples=int(mc_samples), mc_batch_size=int(mc_batch_size), cfg_scale=float(cfg_scale),
+                            mc_stratification=str(mc_stratification))
         self.batch_size, self.block_length, self.seed = int(batch_size), int(block_length), int(seed)
         self.chat = _as_bool(chat_template)
         self.max_len = model.config.max_seq_len

@@ -101,7 +101,8 @@ def output_settings(task: Task, cfg: EvalConfig, model_id: str) -> dict:
     if task.kind == MULTIPLE_CHOICE:
         settings.update(scoring_rule=cfg.scoring_rule)
         if cfg.scoring_rule == "likelihood":
-            settings.update(mc_samples=cfg.mc_samples, mc_batch_size=cfg.mc_batch_size, cfg_scale=cfg.cfg_scale)
+            settings.update(mc_samples=cfg.mc_samples, mc_batch_size=cfg.mc_batch_size, cfg_scale=cfg.cfg_scale,
+                            mc_stratification=cfg.mc_stratification)
     else:
         settings.update(chat=task.uses_chat(cfg), **cfg.sampler_options())
     if task.name == "cloze":
