@@ -47,3 +47,14 @@ def test_train_throughput_through_the_strategy_factory_with_two_processes(tmp_pa
     assert proc.returncode == 0, proc.stderr[-2000:]
     (row,) = [json.loads(line) for line in out.read_text().splitlines()]  # rank 0 alone writes
     assert row["strategy"] == "ddp" and row["world_size"] == 2 and row["tokens_per_s"] > 0
+
+
+def test_eos_placement_counts_the_block_where_generation_stopped():
+    from benchmarks.sft_eos_placement import accuracy_with_stderr, eos_placement
+
+    # reference answers of 2 tokens, blocks of 4, budget 8: EOS belongs in block 0
+    generated = [[5, 6], [5, 6, 7, 8, 9], [5] * 8, [5, 6, 7]]
+    stats = eos_placement(generated, [2, 2, 2, 2], block_length=4, max_new_tokens=8)
+    assert stats["eos_in_first_right_block"] == 0.5  # the 2nd stopped a block late, the 3rd never stopped
+    assert stats["tokens_past_answer"] == (0 + 3 + 6 + 1) / 4
+    assert accuracy_with_stderr([True, False, True, True]) == (0.75, (0.75 * 0.25 / 4) ** 0.5)
