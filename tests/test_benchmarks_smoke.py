@@ -58,3 +58,13 @@ def test_eos_placement_counts_the_block_where_generation_stopped():
     assert stats["eos_in_first_right_block"] == 0.5  # the 2nd stopped a block late, the 3rd never stopped
     assert stats["tokens_past_answer"] == (0 + 3 + 6 + 1) / 4
     assert accuracy_with_stderr([True, False, True, True]) == (0.75, (0.75 * 0.25 / 4) ** 0.5)
+
+
+def test_scaling_model_shards_state_and_exposes_communication_across_nodes():
+    from benchmarks.scaling_model import main
+
+    rows = main(["--gpus", "1", "8", "64", "--rows-per-gpu", "1", "--inter-gbps", "25"])
+    one, node, many = rows
+    assert one["comm_s"] == 0 and one["states_gb"] == 8 * node["states_gb"]  # 16 B/param over W ranks
+    assert node["scaling_efficiency"] == 1.0 and many["scaling_efficiency"] < 0.6  # NVLink hides it, 25 GB/s does not
+    assert many["tokens_per_s"] > node["tokens_per_s"]
