@@ -39,7 +39,7 @@ def test_harness_runs_a_local_multiple_choice_task(tmp_path, tiny, rule):  # noq
     ]))
     (tmp_path / "task.yaml").write_text(TASK_YAML.format(data=data))
     lm = IlladaLM(model=model, tokenizer=tokenizer, scoring_rule=rule, mc_samples=4, mc_batch_size=4)
-    out = lm_eval.simple_evaluate(model=lm, tasks=["illada_local_mc"], task_manager=TaskManager(include_path=str(tmp_path)),
+    out = lm_eval.simple_evaluate(model=lm, tasks=["illada_local_mc"], task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
                                   log_samples=True)
     metrics = out["results"]["illada_local_mc"]
     assert 0.0 <= metrics["acc,none"] <= 1.0 and "acc_stderr,none" in metrics
@@ -124,7 +124,7 @@ def test_harness_multiple_choice_matches_experiments_evaluate(tmp_path, tiny, ru
     (tmp_path / "mc.yaml").write_text(HARNESS_MC_YAML.format(data=flat))
     lm = IlladaLM(model=model, tokenizer=tokenizer, scoring_rule=rule, mc_samples=4, mc_batch_size=4, batch_size=64)
     out = lm_eval.simple_evaluate(model=lm, tasks=["illada_arc_same_items"], log_samples=True,
-                                  task_manager=TaskManager(include_path=str(tmp_path)))
+                                  task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False))
     samples = sorted(out["samples"]["illada_arc_same_items"], key=lambda s: s["doc_id"])
     harness_scores = [[float(r[0]) for r in s["filtered_resps"]] for s in samples]
     ours_scores = [r["scores"] for r in records]
@@ -150,7 +150,7 @@ def test_harness_generation_matches_experiments_evaluate(tmp_path, tiny):  # noq
     (tmp_path / "gen.yaml").write_text(HARNESS_GEN_YAML.format(data=gsm))
     lm = IlladaLM(model=model, tokenizer=tokenizer, block_length=8)
     out = lm_eval.simple_evaluate(model=lm, tasks=["illada_gsm8k_same_items"], log_samples=True,
-                                  task_manager=TaskManager(include_path=str(tmp_path)))
+                                  task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False))
     samples = sorted(out["samples"]["illada_gsm8k_same_items"], key=lambda s: s["doc_id"])
     answers = [s["resps"][0][0] for s in samples]
     assert answers == [r["output"].split("Question:")[0] for r in records] and any(a.strip() for a in answers)
