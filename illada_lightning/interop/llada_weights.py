@@ -108,7 +108,10 @@ class SafetensorsShards:
 
     def get(self, key: str, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
         # A CUDA target is read straight onto the GPU; on the host only this one tensor is materialised.
-        where = str(device) if torch.device(device).type == "cuda" else "cpu"
+        device = torch.device(device)
+        where = "cpu"
+        if device.type == "cuda":
+            where = f"cuda:{torch.cuda.current_device() if device.index is None else device.index}"
         tensor = self._handle(self.weight_map[key], where).get_tensor(key)
         return tensor.to(device=device, dtype=dtype or tensor.dtype)
 
