@@ -328,3 +328,25 @@ def test_mis_shaped_weight_names_file_and_key(tmp_path):
     with pytest.raises(CheckpointError, match=r"safetensors: 'model\.transformer\.blocks\.1\.k_proj\.weight' has "
                                               r"shape \(32, 64\), config\.json implies \(64, 64\)"):
         il.load_checkpoint(tmp_path / "ckpt")
+
+
+@pytest.mark.gpu
+def test_loads_bf16_on_the_gpu_with_no_float32_copy(tmp_path):
+    """Written for the device machine (not run in this session's CPU-only suite)."""
+    conf = published_config(d_model=256, n_heads=4, n_kv_heads=2, mlp_hidden_size=768, embedding_size=4096,
+                            vocab_size=4096, weight_tying=True)
+    weights = {k: v.to(torch.bfloat16) for k, v in published_weights(conf).items()}
+    write_published(tmp_path / "ckpt", conf, weights)
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    model, _ = il.load_checkpoint(tmp_path / "ckpt", device="cuda")
+    params = list(model.parameters())
+    assert all(p.dtype == torch.bfloat16 and p.is_cuda for p in params)
+    model_bytes = sum(p.numel() * p.element_size() for p in params)
+    # the model plus one fused q|k|v being assembled, never a float32 copy (which alone would be 2x)
+    assert torch.cuda.max_memory_allocated() - base < 1.3 * model_bytes
+    ids = torch.randint(0, 4096, (2, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = model(ids.cuda()).float().cpu()
+    ref = reference_forward({k: v.float() for k, v in weights.items()}, conf, ids)
+    torch.testing.assert_close(ours, ref, atol=0.1, rtol=0.05)  # bf16 activations vs a float32 reference

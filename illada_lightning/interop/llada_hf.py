@@ -22,7 +22,15 @@ from ..model.transformer import MaskPredictor
 from . import HFCheckpointError
 from .hf_tokenizer import TOKENIZER_JSON, load_tokenizer_dir, write_tokenizer_dir
 from .llada_config import llada_config_from_model, model_config_from_llada
-from .llada_weights import INDEX_FILE, SINGLE_FILE, SafetensorsShards, check_weights, iter_state, split_state, write_shards
+from .llada_weights import (
+    INDEX_FILE,
+    SINGLE_FILE,
+    SafetensorsShards,
+    check_weights,
+    iter_state,
+    split_state,
+    write_shards,
+)
 
 CONFIG_FILE = "config.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
