@@ -82,3 +82,18 @@ def test_export_cli_help_and_errors(run_and_export, tmp_path, capsys):
     assert "exists and is not empty" in capsys.readouterr().err and (out / "config.json").is_file()
     done = subprocess.run([sys.executable, "-m", "experiments.export", "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "ckpt=" in done.stdout
+
+
+def test_clis_run_a_released_style_directory_with_its_own_special_ids(tmp_path, capsys):
+    """A LLaDA-like directory: special tokens at the end of the vocabulary, a Llama-3-style chat template."""
+    from tests.test_hf_checkpoint import write_llada_like
+
+    write_llada_like(tmp_path / "ckpt", max_sequence_length=256)
+    data = write_jsonl(tmp_path / "arc.jsonl", [ARC_LETTERS, ARC_NUMERIC])
+    assert evaluate_main([f"ckpt={tmp_path / 'ckpt'}", "tasks=[arc_challenge]", "scoring_rule=likelihood",
+                          "mc_samples=2", "mc_batch_size=2", "num_fewshot=0", "mlflow=false",
+                          f"out={tmp_path / 'eval'}", f"data.arc_challenge={data}"]) == 0
+    assert json.loads((tmp_path / "eval" / "results.json").read_text())["arc_challenge"]["n"] == 2
+    # chat template of the directory (Jinja, bos_token from tokenizer_config.json); random weights: any text
+    assert generate_main([f"ckpt={tmp_path / 'ckpt'}", "prompt=Who sells ducks?", "sampler.steps=4",
+                          "sampler.gen_length=4", "sampler.block_length=4"]) == 0
