@@ -16,6 +16,8 @@ from illada_lightning.evaluation.cli import main as evaluate_main
 from illada_lightning.training.checkpoint import export_model
 from tests.test_eval_tasks import ARC_LETTERS, ARC_NUMERIC, GSM8K_TEST, write_jsonl
 
+pytestmark = pytest.mark.slow  # end to end through the CLIs
+
 TEXT = "What is the main source of energy for Earth? The Sun heats water. Janet sells ducks. " * 20
 
 
