@@ -8,7 +8,8 @@
 2. In a fresh child process (so its peak memory is the load's alone) `load_checkpoint(DIR)` - the same call
    `experiments.evaluate ckpt=DIR` makes - is timed, with the host's peak RSS and the GPU's peak allocation;
    then the cloze task (`evaluation.evaluate`, what the CLI runs) is scored with each rule and timed.
-One JSON line per rule: write_s, load_s, host_peak_rss_gb, gpu_peak_gb, items, items_per_s, acc (chance-level:
+One JSON line per rule: write_s, load_s, params_gb, host_peak_rss_gb (the child's, imports included),
+gpu_peak_gb, items, items_per_s, acc (chance-level:
 the weights are random). The text is WikiText-2 valid when /work/shared has it, else a seeded synthetic text.
 """
 
@@ -44,6 +45,8 @@ def parse_args(argv=None):
     p.add_argument("--items", type=int, default=64, help="cloze items scored per rule")
     p.add_argument("--mc-samples", type=int, default=8, help="likelihood rule: Monte-Carlo samples per candidate")
     p.add_argument("--rules", nargs="+", default=["confidence", "likelihood"], choices=["confidence", "likelihood"])
+    p.add_argument("--load-dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                   help="auto: what load_checkpoint (experiments.evaluate) does - bf16 on GPU, float32 on CPU")
     p.add_argument("--phase", default="all", choices=["all", "eval"], help=argparse.SUPPRESS)
     p.add_argument("--write-s", type=float, default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help="append one JSON line per rule to this file")
@@ -80,11 +83,18 @@ def write_random_checkpoint(args, directory: Path) -> float:
 
 def evaluate_checkpoint(args, directory: Path) -> list[dict]:
     from illada_lightning.evaluation import EvalConfig, evaluate
+    from illada_lightning.interop.llada_hf import DTYPES, load_hf_checkpoint
     from illada_lightning.training.checkpoint import load_checkpoint
 
     device = torch.device(args.device)
+    if args.load_dtype == "auto":
+        def load():
+            return load_checkpoint(directory, device=device)
+    else:
+        def load():
+            return load_hf_checkpoint(directory, device=device, dtype=DTYPES[args.load_dtype])
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    (model, tokenizer), load_s = timed(lambda: load_checkpoint(directory, device=device), device)
+    (model, tokenizer), load_s = timed(load, device)
     host_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
     gpu_peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     text_path = Path(args.text) if args.text else (WIKITEXT if WIKITEXT.is_file() else directory / "cloze.txt")
@@ -101,7 +111,8 @@ def evaluate_checkpoint(args, directory: Path) -> list[dict]:
                      "write_s": args.write_s, "load_s": round(load_s, 3),
                      "host_peak_rss_gb": round(host_peak, 3), "host_rss_before_load_gb": round(rss_before, 3),
                      "gpu_peak_gb": None if gpu_peak is None else round(gpu_peak, 3),
-                     "params_dtype": str(next(model.parameters()).dtype), "eval_s": round(seconds, 3),
+                     "params_dtype": str(next(model.parameters()).dtype),
+                     "params_gb": round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30, 3), "eval_s": round(seconds, 3),
                      "items_per_s": round(n / seconds, 3), "acc": results["cloze"]["acc"],
                      **environment(device)})
     for row in rows:
@@ -118,7 +129,7 @@ def main(argv=None) -> list[dict]:
         write_s = write_random_checkpoint(args, directory)
         child = [sys.executable, "-m", "benchmarks.hf_checkpoint_bench", "--phase", "eval", "--dir", str(directory),
                  "--preset", args.preset, "--device", args.device, "--items", str(args.items),
-                 "--mc-samples", str(args.mc_samples), "--write-s", f"{write_s:.3f}", "--rules", *args.rules]
+                 "--mc-samples", str(args.mc_samples), "--load-dtype", args.load_dtype, "--write-s", f"{write_s:.3f}", "--rules", *args.rules]
         child += ["--text", args.text] if args.text else []
         child += ["--out", args.out] if args.out else []
         done = subprocess.run(child, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
