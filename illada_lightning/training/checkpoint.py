@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from ..interop import HFCheckpointError
+from ..interop.llada_hf import is_hf_checkpoint, load_hf_checkpoint, read_hf_checkpoint
 from ..model.config import ModelConfig
 from ..model.transformer import MaskPredictor
 
@@ -35,6 +37,14 @@ STAGE_ORDER = ("sft", "pretrain")  # a run directory's most trained model comes 
 
 class CheckpointError(ValueError):
     """A checkpoint path that does not exist, holds no model, or does not fit the configured model."""
+
+
+def _from_hf(read, *args):
+    """A Hugging Face (released LLaDA) checkpoint directory, read by interop/llada_hf.py."""
+    try:
+        return read(*args)
+    except HFCheckpointError as exc:
+        raise CheckpointError(str(exc)) from None
 
 
 # ----------------------------------------------------------------------------- reading
@@ -102,6 +112,8 @@ def _model_state(raw: dict, path: Path) -> dict[str, torch.Tensor]:
 
 def read_model_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], str | None, Path]:
     """(model config, model state dict, tokenizer json or None, resolved path) of any supported checkpoint."""
+    if is_hf_checkpoint(path):
+        return _from_hf(read_hf_checkpoint, path)
     resolved = resolve_checkpoint(path)
     raw = _read_raw(resolved)
     if not isinstance(raw, dict):
@@ -133,8 +145,11 @@ def load_checkpoint(path: str | Path, device: str | torch.device | None = None):
     """`(model, tokenizer)` from a run directory or checkpoint file saved by training (model in eval mode).
 
     The tokenizer is the one embedded in the checkpoint, else `tokenizer/` of the run directory; None if
-    neither exists.
+    neither exists. A Hugging Face checkpoint directory (config.json + safetensors) loads through
+    interop/llada_hf.py: bf16 on GPU, its tokenizer and special ids from the directory.
     """
+    if is_hf_checkpoint(path):
+        return _from_hf(load_hf_checkpoint, path, device)
     cfg, state, tokenizer_json, resolved = read_model_checkpoint(path)
     model = MaskPredictor(cfg)
     missing, unexpected = model.load_state_dict(state, strict=False)
