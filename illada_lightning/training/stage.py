@@ -227,6 +227,7 @@ def run_stage(cfg: ExperimentConfig, stage: str, tokenizer, datamodule, tracker=
         return skipped
     # The newest step checkpoint that loads (each one that does not is named in a warning).
     ckpt_path = find_resume_checkpoint(stage_dir) if cfg.resume == "auto" else None
+    log.info("%s: training %s", stage, f"resumed from {ckpt_path}" if ckpt_path else "from the start")
     logger = _open_stage_run(tracker, cfg, stage, ckpt_path)
     record = RunRecord()
     callbacks = [*extra_callbacks, record, *([stop] if stop is not None else [])]
