@@ -42,13 +42,14 @@ def nonfinite(path: Path) -> int:
     return sum(not torch.isfinite(v).all() for v in state.values())
 
 
-def statuses(result_or_root, runs_file: Path | None = None) -> dict[str, str]:
+def statuses(root: Path, name: str = "default") -> dict[str, str]:
+    """MLflow status of each run in <root>/<name>/mlflow_runs.json (default store <root>/mlflow.db)."""
     import json
 
     from mlflow.tracking import MlflowClient
 
-    runs = json.loads(runs_file.read_text())
-    client = MlflowClient(f"sqlite:///{runs_file.parent.parent.resolve() / 'mlflow.db'}")
+    runs = json.loads((root / name / "mlflow_runs.json").read_text())
+    client = MlflowClient(f"sqlite:///{root.resolve() / 'mlflow.db'}")
     return {k: client.get_run(v).info.status for k, v in runs.items()}
 
 
@@ -63,7 +64,7 @@ def test_huge_lr_never_checkpoints_nonfinite_weights(tmp_path, data_cache):
     assert all(nonfinite(f) == 0 for f in files), [(f.name, nonfinite(f)) for f in files]
     named = [w for w in str(info.value).split() if w.endswith(".ckpt") or w.endswith(".ckpt.")]
     assert all(nonfinite(Path(w.rstrip("."))) == 0 for w in named), str(info.value)
-    assert set(statuses(None, tmp_path / "default" / "mlflow_runs.json").values()) == {"FAILED"}
+    assert statuses(tmp_path) == {"parent": "FAILED", "pretrain": "FAILED"}
 
 
 class PoisonWeightsOnce(Callback):
@@ -184,3 +185,43 @@ def test_unwritable_run_dir_and_bad_tracking_stores_are_refused_before_training(
     assert err.startswith("error: mlflow.tracking_uri=http://127.0.0.1:9: cannot reach the tracking server")
     assert "\n" not in err
     assert not ckpt_files(tmp_path / "runs")
+
+
+def test_completeness_of_files_and_sharded_directories(tmp_path):
+    """The one "complete and loadable?" test: a sharded checkpoint counts once DCP's .metadata exists."""
+    sharded = tmp_path / "step=0000004.ckpt"
+    sharded.mkdir()
+    (sharded / "__0_0.distcp").write_bytes(b"shard")
+    assert "without .metadata" in checkpoint_problem(sharded)
+    (sharded / ".metadata").write_bytes(b"meta")
+    assert checkpoint_problem(sharded) is None
+    good = tmp_path / "step=0000002.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(2)}}, good)
+    assert checkpoint_problem(good) is None
+    good.with_name("step=0000003.ckpt").write_bytes(good.read_bytes()[:40])
+    assert checkpoint_problem(tmp_path / "step=0000003.ckpt").startswith("unreadable")
+    (tmp_path / "last.ckpt").symlink_to("step=0000009.ckpt")
+    assert checkpoint_problem(tmp_path / "last.ckpt") == "dangling link to step=0000009.ckpt"
+    assert [p.name for p in step_checkpoints(tmp_path)] == ["step=0000004.ckpt", "step=0000003.ckpt",
+                                                            "step=0000002.ckpt"]
+
+
+class AssertRunning(Callback):
+    """Reads the stage's MLflow run status in the middle of training."""
+
+    def __init__(self):
+        self.seen: list[str] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        logger = trainer.loggers[0]
+        self.seen.append(logger.experiment.get_run(logger.run_id).info.status)
+
+
+def test_stage_run_is_running_during_training_and_finished_after(tmp_path, data_cache):
+    """Item 5: Lightning's logger closed the child run FINISHED after the validation before training."""
+    probe = AssertRunning()
+    cfg = small_config(tmp_path, data_cache, *QUICK, "pretrain.max_steps=3", "pretrain.val_every_n_steps=2",
+                       "pretrain.ckpt_every_n_steps=0")
+    run_experiment(cfg, extra_callbacks=[probe], preview=False)
+    assert probe.seen and set(probe.seen) == {"RUNNING"}
+    assert statuses(tmp_path) == {"parent": "FINISHED", "pretrain": "FINISHED"}
