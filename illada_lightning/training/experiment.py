@@ -78,11 +78,11 @@ def run_experiment(cfg: ExperimentConfig, *, extra_callbacks=(), preview: bool =
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     tokenizer, datamodules = preflight(cfg)
     run_dir = Path(cfg.resolved_run_dir)
-    tracker = start_tracking(cfg, run_dir) if is_rank_zero() else None
     result: dict[str, Any] = {"run_dir": str(run_dir), "stages": {}}
-    stop = GracefulStop()
-    stop.install()
+    stop, tracker = GracefulStop(), None
+    stop.install()  # from here on a stop signal is recorded, and acted on at the end of a training step
     try:
+        tracker = start_tracking(cfg, run_dir) if is_rank_zero() else None
         for stage in stages_of(cfg):
             if stop.requested:  # arrived after the previous stage had finished
                 raise stop.interrupted(stage)
