@@ -20,7 +20,12 @@ from lightning.pytorch.callbacks import Callback
 from experiments.run import main as cli_main
 from illada_lightning.config import ConfigError
 from illada_lightning.training.callbacks import NonFiniteLossError
-from illada_lightning.training.checkpoint import CheckpointError, checkpoint_problem, step_checkpoints
+from illada_lightning.training.checkpoint import (
+    CheckpointError,
+    atomic_write,
+    checkpoint_problem,
+    step_checkpoints,
+)
 from illada_lightning.training.experiment import RunDirectoryError, run_experiment
 from illada_lightning.training.tracking import check_tracking_uri
 from tests.test_run_experiment import SimulatedCrash, StopAt, small_config
@@ -53,6 +58,7 @@ def statuses(root: Path, name: str = "default") -> dict[str, str]:
     return {k: client.get_run(v).info.status for k, v in runs.items()}
 
 
+@pytest.mark.slow
 def test_huge_lr_never_checkpoints_nonfinite_weights(tmp_path, data_cache):
     """Item 1: lr=1e6 makes weights NaN while the loss is finite; nothing non-finite is saved or recommended,
     and the MLflow runs end FAILED (item 5)."""
@@ -81,6 +87,7 @@ class PoisonWeightsOnce(Callback):
                     p.fill_(float("nan"))
 
 
+@pytest.mark.slow
 def test_rollback_goes_to_newest_finite_checkpoint(tmp_path, data_cache):
     """Item 1: weights poisoned at step 4 are not saved; rollback reloads step 2 and finishes; keep-K holds."""
     cfg = small_config(tmp_path, data_cache, *QUICK, "pretrain.max_steps=8", "pretrain.ckpt_every_n_steps=2",
@@ -94,6 +101,7 @@ def test_rollback_goes_to_newest_finite_checkpoint(tmp_path, data_cache):
     assert (tmp_path / "default" / "pretrain" / "checkpoints" / "last.ckpt").resolve().name == "step=0000008.ckpt"
 
 
+@pytest.mark.slow
 def test_resume_skips_truncated_newest_and_dangling_link(tmp_path, data_cache, caplog):
     """Item 3 (and 6): after a crash, a truncated newest checkpoint and a dangling last.ckpt, resume=auto
     continues from the previous good checkpoint with a warning naming the bad one; the summary still
@@ -108,6 +116,8 @@ def test_resume_skips_truncated_newest_and_dangling_link(tmp_path, data_cache, c
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
     (ckpt_dir / "last.ckpt").unlink()
     (ckpt_dir / "last.ckpt").symlink_to("step=0000099.ckpt")
+    partial = ckpt_dir / ".step=0000006.ckpt.tmp-12345"  # a write the crash interrupted
+    partial.write_bytes(b"partial")
     before = torch.load(ckpt_dir / "step=0000002.ckpt", weights_only=False)["illada_run_record"]
     with caplog.at_level(logging.WARNING):
         result = run_experiment(small_config(tmp_path, data_cache, *common, "pretrain.max_steps=8", "resume=auto"),
@@ -115,6 +125,7 @@ def test_resume_skips_truncated_newest_and_dangling_link(tmp_path, data_cache, c
     summary = result["stages"]["pretrain"]
     assert summary["resumed_from_step"] == 2 and summary["global_step"] == 8
     assert f"skipping checkpoint {newest}: unreadable" in caplog.text
+    assert not partial.exists()
     assert summary["summary_covers"] == "whole run"
     assert summary["first_loss"] == before["first_losses"][0][1]
     assert summary["initial_val_loss"] == before["initial_val_loss"] is not None
@@ -147,6 +158,24 @@ class FileSizeLimit(Callback):
             signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
 
 
+def test_atomic_write_that_fails_half_way_leaves_nothing(tmp_path):
+    """Item 4, unit level: the OS refuses to grow the file past 64 kB in the middle of torch.save."""
+    target = tmp_path / "step=0000001.ckpt"
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (65536, hard))
+    try:
+        with pytest.raises(CheckpointError, match=r"^cannot write .*step=0000001\.ckpt: File too large$"):
+            atomic_write(target, lambda f: torch.save({"state_dict": {"w": torch.zeros(100_000)}}, f))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+    assert list(tmp_path.iterdir()) == []
+    atomic_write(target, lambda f: torch.save({"state_dict": {"w": torch.zeros(10)}}, f))
+    assert checkpoint_problem(target) is None
+
+
+@pytest.mark.slow
 def test_failed_write_leaves_no_partial_checkpoint(tmp_path, data_cache):
     """Item 4: a checkpoint write that fails half-way leaves no file under a checkpoint name, and the error
     is one line naming the path."""
@@ -217,6 +246,7 @@ class AssertRunning(Callback):
         self.seen.append(logger.experiment.get_run(logger.run_id).info.status)
 
 
+@pytest.mark.slow
 def test_stage_run_is_running_during_training_and_finished_after(tmp_path, data_cache):
     """Item 5: Lightning's logger closed the child run FINISHED after the validation before training."""
     probe = AssertRunning()

@@ -39,6 +39,7 @@ from .checkpoint_files import (  # noqa: F401  (re-exported: one place to ask "i
     find_resume_checkpoint,
     link_last,
     prune_step_checkpoints,
+    remove_partial_writes,
     step_checkpoints,
     step_of,
 )

@@ -57,13 +57,24 @@ def atomic_write(path: str | Path, write: Callable) -> Path:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except OSError as exc:
+    except BaseException as exc:
         _remove_quietly(tmp)
-        raise CheckpointError(f"cannot write {path}: {exc.strerror or exc}") from None
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
+        cause = _os_error_in(exc)
+        if cause is None:
+            raise
+        raise CheckpointError(f"cannot write {path}: {cause.strerror or cause}") from exc
     return path
+
+
+def _os_error_in(exc: BaseException | None) -> OSError | None:
+    """The OS error behind `exc`, if any (torch.save's zip writer reports a failed write as a RuntimeError
+    raised while handling the OSError)."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, OSError):
+            return exc
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
 
 
 def _remove_quietly(path: Path) -> None:
@@ -141,6 +152,16 @@ def find_resume_checkpoint(stage_dir: str | Path, *, finite: bool = False) -> Pa
             f"none of the {len(candidates)} checkpoint(s) in {ckpt_dir} can be resumed from ({'; '.join(problems)}); "
             "refusing to start from scratch beside them: move them away or choose a new name=... or run_dir=...")
     return None
+
+
+def remove_partial_writes(ckpt_dir: str | Path) -> list[Path]:
+    """Delete temporary files left by writes that a crash interrupted (one training process per run dir)."""
+    ckpt_dir = Path(ckpt_dir)
+    partial = [p for p in ckpt_dir.glob(".*.tmp-*") if p.is_file()] if ckpt_dir.is_dir() else []
+    for p in partial:
+        log.warning("removing %s, a checkpoint write interrupted by a crash", p)
+        _remove_quietly(p)
+    return partial
 
 
 def link_last(ckpt_dir: str | Path, target: Path) -> None:

@@ -28,6 +28,7 @@ from .checkpoint import (
     last_checkpoint,
     load_init_weights,
     read_finished,
+    remove_partial_writes,
     write_finished,
 )
 from .config import ExperimentConfig
@@ -225,6 +226,8 @@ def run_stage(cfg: ExperimentConfig, stage: str, tokenizer, datamodule, tracker=
     skipped = _should_skip(cfg, stage, stage_dir)
     if skipped is not None:
         return skipped
+    if is_rank_zero():
+        remove_partial_writes(stage_dir / "checkpoints")
     # The newest step checkpoint that loads (each one that does not is named in a warning).
     ckpt_path = find_resume_checkpoint(stage_dir) if cfg.resume == "auto" else None
     log.info("%s: training %s", stage, f"resumed from {ckpt_path}" if ckpt_path else "from the start")
