@@ -105,3 +105,20 @@ def test_kill_9_then_resume_closes_the_dead_attempt(tmp_path, data_cache):
     new = client.get_run(result["mlflow_runs"]["pretrain"])
     assert new.data.tags["illada.previous_attempt"] == dead and new.data.tags["illada.attempt"] == "2"
     assert new.data.tags["mlflow.parentRunId"] == result["mlflow_runs"]["parent"]
+
+
+def test_sigterm_to_rank_zero_of_two_ddp_processes(tmp_path, data_cache):
+    """Every rank agrees on the stop at the same step: one checkpoint, both processes end, exit 143."""
+    proc = launch(tmp_path, data_cache, "strategy=ddp", "devices=2", "accelerator=cpu", "mlflow.enabled=false",
+                  "pretrain.ckpt_every_n_steps=2", "pretrain.ckpt_keep=1")
+    try:
+        wait_until(training_started(tmp_path), proc)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=240)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err[-3000:]
+    line = next(line for line in err.splitlines() if line.startswith("error:"))
+    step = int(line.split("pretrain step ")[1].split(";")[0])
+    saved = tmp_path / "default" / "pretrain" / "checkpoints" / f"step={step:07d}.ckpt"
+    assert torch.load(saved, weights_only=False)["global_step"] == step
