@@ -12,6 +12,7 @@ import time
 from lightning.pytorch.callbacks import Callback
 
 KEY = "illada_run_record"
+FIRST_LOSSES = 100  # as many as DiffusionLMModule.first_losses keeps
 
 
 class RunRecord(Callback):
@@ -29,9 +30,14 @@ class RunRecord(Callback):
     def wall_time_s(self) -> float:
         return self.earlier_wall_s + time.perf_counter() - self._start
 
+    def _first(self, pl_module) -> list[tuple[int, float]]:
+        """The run's first (step, loss) pairs: those recorded so far, topped up with later steps of this fit."""
+        known = self.first_losses or []
+        after = known[-1][0] if known else -1
+        return (known + [x for x in pl_module.first_losses if x[0] > after])[:FIRST_LOSSES]
+
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        first = self.first_losses if self.first_losses is not None else list(pl_module.first_losses)
-        checkpoint[KEY] = {"first_losses": first, "initial_val_loss": self.initial_val_loss,
+        checkpoint[KEY] = {"first_losses": self._first(pl_module), "initial_val_loss": self.initial_val_loss,
                            "wall_time_s": self.wall_time_s(), "complete": self.complete}
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
@@ -49,9 +55,8 @@ class RunRecord(Callback):
         self.complete = bool(record.get("complete", True))
 
     def keep_first_losses(self, pl_module) -> None:
-        """After the first fit of this process: the run's first losses are fixed from now on."""
-        if self.first_losses is None:
-            self.first_losses = list(pl_module.first_losses)
+        """After each fit (a rollback starts a new module): keep what it added to the first losses."""
+        self.first_losses = self._first(pl_module)
 
     def scope(self, last_step: int) -> str:
         if self.complete:
