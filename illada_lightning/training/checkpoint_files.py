@@ -111,10 +111,13 @@ def checkpoint_problem(path: str | Path) -> str | None:
         return None if (path / ".metadata").is_file() else "sharded checkpoint without .metadata (incomplete)"
     if not path.is_file():
         return "no such file"
+    if path.stat().st_size == 0:
+        return "empty file"
     try:
         raw = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as exc:  # truncated, empty or foreign
-        return f"unreadable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+    except Exception as exc:  # truncated or foreign: torch's first sentence says which
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return f"unreadable ({text.split('. ')[0]})"
     if not isinstance(raw, dict) or not isinstance(raw.get("state_dict"), dict):
         return "holds no training state"
     return None
