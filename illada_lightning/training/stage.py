@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 
 import lightning.pytorch as pl
+from lightning.pytorch.trainer.states import TrainerStatus
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from ..config import flatten, to_dict
@@ -236,6 +237,8 @@ def run_stage(cfg: ExperimentConfig, stage: str, tokenizer, datamodule, tracker=
     callbacks = [*extra_callbacks, record, *([stop] if stop is not None else [])]
     trainer, module, rollbacks = fit_with_rollback(cfg, stage, tokenizer, datamodule, logger, ckpt_path, callbacks,
                                                    tracker, stop)
-    if stop is not None and stop.stopped_step is not None:
+    # Stopped by a signal: at a checkpointed step, or (Lightning saw it first) before training got going.
+    if stop is not None and (stop.stopped_step is not None or
+                             (stop.requested and trainer.state.status != TrainerStatus.FINISHED)):
         raise stop.interrupted(stage)
     return finish_stage(cfg, stage, trainer, module, datamodule, record, rollbacks, tracker)
