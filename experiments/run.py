@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -29,12 +30,20 @@ def split_args(argv: list[str]) -> tuple[Path, list[str]]:
     return DEFAULT_CONFIG, argv
 
 
+def resume_command(argv: list[str]) -> str:
+    """The command that continues this run: the same arguments with resume=auto."""
+    kept = [a for a in argv if not a.startswith("resume=")]
+    return " ".join(["python -m experiments.run", *(shlex.quote(a) for a in kept), "resume=auto"])
+
+
 def print_result(result: dict) -> None:
     for stage, summary in result["stages"].items():
         keys = ("global_step", "first_loss", "last_loss", "initial_val_loss", "val_loss", "tokens_per_s_mean", "wall_time_s",
-                "lr_switch_step", "skipped")
+                "lr_switch_step", "resumed_from_step", "skipped")
         shown = {k: summary.get(k) for k in keys if summary.get(k) is not None}
         print(f"[{stage}] " + json.dumps(shown, default=lambda v: round(v, 4) if isinstance(v, float) else str(v)))
+        if summary.get("summary_covers", "whole run") != "whole run":
+            print(f"[{stage}] note: the summary covers {summary['summary_covers']}")
     for sample in result.get("samples", []):
         print("-" * 60)
         print(sample["prompt"].rstrip())
@@ -60,13 +69,18 @@ def main(argv: list[str] | None = None) -> int:
         return multirun_main(argv)
     from illada_lightning.config import ConfigError, load_config
     from illada_lightning.training.config import ExperimentConfig
-    from illada_lightning.training.experiment import is_rank_zero, run_experiment
+    from illada_lightning.training.experiment import TrainingInterrupted, is_rank_zero, run_experiment
 
     config_path, overrides = split_args(argv)
     try:
         cfg = load_config(ExperimentConfig, config_path, overrides)
         result = run_experiment(cfg)
-    except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as exc:
+    except TrainingInterrupted as exc:  # a stop signal: checkpoint saved, MLflow runs KILLED
+        if is_rank_zero():
+            print(f"error: {exc}", file=sys.stderr)
+            print(f"resume with: {resume_command(argv)}", file=sys.stderr)
+        return exc.exit_code  # non-zero, so a scheduler does not record success
+    except (ConfigError, ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
         if os.environ.get("ILLADA_TRACEBACK"):  # debugging: the full traceback instead of one line
             raise
         print(f"error: {exc}", file=sys.stderr)

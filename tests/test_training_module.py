@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import illada_lightning.training.experiment as experiment
+import illada_lightning.training.stage as stage_runner
 from illada_lightning.model.config import ModelConfig
 from illada_lightning.training.callbacks import NonFiniteLossError
 from illada_lightning.training.module import PretrainModule, SFTModule, weight_decay_groups
@@ -66,7 +67,7 @@ class NaNAt(PretrainModule):
 
 @pytest.fixture()
 def nan_module(monkeypatch):
-    original = experiment._build_module
+    original = stage_runner.build_module
 
     def build(cfg, stage, lr_scale=1.0):
         module = original(cfg, stage, lr_scale)
@@ -76,7 +77,7 @@ def nan_module(monkeypatch):
             return nan
         return module
 
-    monkeypatch.setattr(experiment, "_build_module", build)
+    monkeypatch.setattr(stage_runner, "build_module", build)
 
 
 COMMON = ["stage=pretrain", "pretrain.max_steps=8", "pretrain.ckpt_every_n_steps=4", "mlflow.enabled=false",

@@ -95,7 +95,11 @@ def select_examples(examples: list, limit: int | None, subset_size: int | None, 
 
 
 def output_settings(task: Task, cfg: EvalConfig, model_id: str) -> dict:
-    """Everything that changes a task's per-example outputs: a resume must match all of it."""
+    """Everything that changes a task's per-example outputs: a resume must match all of it.
+
+    `limit` and `subset_size` are not among them on purpose: they choose which examples count, not what an
+    example's record holds; records are looked up by doc_id, so a resume with a larger limit scores only the
+    missing examples and a smaller one reports exactly its own (tests/test_crash_eval_limit.py)."""
     settings = dict(task=task.name, model=model_id, seed=cfg.seed, fewshot=cfg.fewshot_for(task.name, task.num_fewshot),
                     data=str(cfg.data.get(task.name, task.default_path)))
     if task.kind == MULTIPLE_CHOICE:

@@ -6,10 +6,19 @@ not imported here, so `import illada_lightning.training.config` stays cheap.
     config.py      ExperimentConfig and its groups (optim, schedule, pretrain, sft, mlflow, preview)
     schedule.py    the LR schedules as pure functions + the RecipeLR scheduler (switch step in its state)
     plateau.py     the smoothed-loss plateau detector (pure)
-    callbacks.py   LossPlateauLRSwitch, NonFiniteLossGuard, ThroughputMonitor
+    callbacks.py   LossPlateauLRSwitch, NonFiniteLossGuard (loss, gradients, weights), ThroughputMonitor
+    finite.py      "are the weights / gradients finite?", agreed by every rank
     module.py      DiffusionLMModule, PretrainModule, SFTModule
     strategy.py    auto | ddp | fsdp
-    tracking.py    MLflow parent run + nested stage runs
+    tracking.py    MLflow parent run + nested stage runs, truthful statuses, store checks
     checkpoint.py  load_checkpoint, export, init_from checks
-    experiment.py  preflight checks, stages, resume, generated answers
+    checkpoint_files.py  atomic writes, "complete and loadable?", the resume scan, keep-K
+    step_checkpoint.py   StepCheckpoint (finite weights only, atomic, newest ckpt_keep kept)
+    interrupt.py   GracefulStop: SIGTERM / SIGINT / SLURM's signal save the current step and stop
+    run_record.py  first losses, initial validation, wall time carried across resumes
+    preflight.py   every check before training (run dir, store, init_from, tokenizer, data)
+    trainer_factory.py   the module and Trainer of a stage
+    stage.py       one stage: resume, fit with rollback, final checkpoint, export, MLflow
+    preview.py     generated answers after SFT
+    experiment.py  run_experiment: preflight, the stages, run statuses on every way out
 """

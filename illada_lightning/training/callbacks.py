@@ -16,7 +16,9 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from .checkpoint_files import CheckpointError, find_resume_checkpoint
 from .config import ScheduleConfig
+from .finite import grads_finite, weights_finite
 from .plateau import PlateauDetector
 from .schedule import RecipeLR
 
@@ -118,47 +120,70 @@ class LossPlateauLRSwitch(Callback):
 
 
 class NonFiniteLossError(RuntimeError):
-    """Training stopped on a non-finite loss; the message says what was saved and how to continue."""
+    """Training stopped on a non-finite loss, gradient or weight; the message says what is safe to resume."""
 
 
 class NonFiniteLossGuard(Callback):
-    """React to a non-finite training loss (the module has already skipped that update).
+    """Stop (or hand over to the rollback loop) as soon as the loss, the gradients or the weights are not finite.
 
-    - `stop`: end training cleanly; the current weights (finite: the bad update was never applied) are saved
-      as `nonfinite-step=N.ckpt` next to the periodic checkpoints; `message` says what to do next.
-    - `rollback`: end this fit so the experiment loop reloads the last periodic checkpoint and continues
-      with the LR scaled by `nan_lr_scale` (what LLaDA did after its one NaN at 1.2T tokens).
+    Three checks, each agreed by every rank: the loss (the module has then skipped the update), the gradients
+    before the optimizer step (dropped, so the optimizer leaves the weights alone), and the weights after the
+    step - a huge LR can make every weight NaN while the loss that produced the update was finite.
+    - `stop`: end training; weights that are still finite are saved as `nonfinite-step=N.ckpt` next to the
+      step checkpoints; poisoned weights are never saved. `describe()` says what to do next.
+    - `rollback`: end this fit so the stage runner reloads the newest checkpoint with finite weights and
+      continues with the LR scaled by `nan_lr_scale` (what LLaDA did after its one NaN at 1.2T tokens).
     """
 
     def __init__(self, mode: str, checkpoint_dir: str | Path):
         self.mode = mode
         self.checkpoint_dir = Path(checkpoint_dir)
         self.triggered_step: int | None = None
-        self.message: str | None = None
+        self.reason: str | None = None
+        self.saved: Path | None = None
+        self.poisoned = False  # the weights themselves are non-finite
+        self._seen_step = -1
+
+    def _trigger(self, trainer, step: int, reason: str) -> None:
+        self.triggered_step, self.reason = step, reason
+        trainer.should_stop = True
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if self.triggered_step is None and not grads_finite(trainer, pl_module):
+            for p in pl_module.parameters():
+                p.grad = None  # AdamW skips parameters without a gradient: the weights stay as they were
+            self._trigger(trainer, trainer.global_step,
+                          f"the gradients became non-finite at step {trainer.global_step} (the update was skipped)")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = getattr(pl_module, "nonfinite_step", None)
-        if step is None or self.triggered_step is not None:
-            return
-        self.triggered_step = step
-        trainer.should_stop = True
-        last = self.checkpoint_dir / "last.ckpt"
-        if self.mode == "rollback":
-            self.message = f"non-finite training loss at step {step}: rolling back to {last}"
-            log.warning(self.message)
-            return
-        finite = all(bool(torch.isfinite(p).all()) for p in pl_module.parameters())
-        saved = ""
-        if finite:
-            path = self.checkpoint_dir / f"nonfinite-step={step:07d}.ckpt"
-            trainer.save_checkpoint(path)
-            saved = f" The weights before the failed update (all finite) are in {path}."
-        self.message = (
-            f"training stopped: the loss became non-finite at step {step} (the update was skipped).{saved} "
-            f"The last periodic checkpoint is {last if last.exists() else '(none yet)'}. Continue with "
-            f"resume=auto and a lower LR (e.g. pretrain.optim.lr=...), or rerun with on_nan=rollback."
-        )
-        log.error(self.message)
+        if self.triggered_step is None:
+            step = getattr(pl_module, "nonfinite_step", None)
+            if step is not None:
+                self._trigger(trainer, step, f"the loss became non-finite at step {step} (the update was skipped)")
+            elif trainer.global_step != self._seen_step and not weights_finite(trainer, pl_module):
+                self.poisoned = True
+                self._trigger(trainer, trainer.global_step, f"the weights became non-finite at step "
+                              f"{trainer.global_step}, after an update whose loss was finite "
+                              f"({getattr(pl_module, 'last_loss', None)})")
+            self._seen_step = trainer.global_step
+            if self.triggered_step is None:
+                return
+            log.error(self.reason)
+            if self.mode == "stop" and not self.poisoned and self.saved is None:
+                self.saved = self.checkpoint_dir / f"nonfinite-step={self.triggered_step:07d}.ckpt"
+                trainer.save_checkpoint(self.saved)
+
+    def describe(self) -> str:
+        """What happened, what was saved and how to continue (`stop` mode; call after the fit)."""
+        try:
+            good = find_resume_checkpoint(self.checkpoint_dir.parent, finite=True)
+        except CheckpointError:
+            good = None
+        saved = (f" The weights before the failed update (all finite) are in {self.saved}." if self.saved else
+                 " The non-finite weights were not saved." if self.poisoned else "")
+        return (f"training stopped: {self.reason}.{saved} The newest checkpoint "
+                f"with finite weights is {good or '(none yet)'}. Continue with resume=auto and a lower LR "
+                "(e.g. pretrain.optim.lr=...), or rerun with on_nan=rollback.")
 
 
 class ThroughputMonitor(Callback):

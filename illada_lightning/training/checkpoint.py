@@ -5,14 +5,20 @@ Run directory layout (`run_experiment`):
     <run_dir>/config.yaml                  the resolved experiment config
     <run_dir>/tokenizer/tokenizer.json     the run's tokenizer
     <run_dir>/mlflow_runs.json             MLflow parent/child run ids (resume continues the same runs)
-    <run_dir>/<stage>/checkpoints/         Lightning checkpoints: step=NNNNNNN.ckpt, last.ckpt
-                                           (a directory per checkpoint under strategy=fsdp: sharded)
+    <run_dir>/<stage>/checkpoints/         Lightning checkpoints: the newest `ckpt_keep` step=NNNNNNN.ckpt,
+                                           last.ckpt linking to the newest (a directory per checkpoint
+                                           under strategy=fsdp: sharded, complete once `.metadata` exists)
     <run_dir>/<stage>/model.pt             exported final weights + model config + tokenizer (one file)
     <run_dir>/<stage>/FINISHED             written when the stage completed (json summary)
 
 `load_checkpoint(path)` accepts a run directory, a stage directory, an exported `model.pt`, a Lightning
 `.ckpt` file or a sharded FSDP checkpoint directory, and returns `(model, tokenizer)`; the model config
 is read from the checkpoint itself.
+
+Crash safety: every file is written to a temporary name in the same directory, fsynced and renamed
+(`atomic_write`), so a checkpoint name never holds a partial file; `checkpoint_problem` is the one test of
+"complete and loadable" (files and sharded directories alike); `find_resume_checkpoint` scans the step
+checkpoints newest-first instead of trusting the `last.ckpt` link.
 """
 
 from __future__ import annotations
@@ -28,15 +34,22 @@ from ..interop import HFCheckpointError
 from ..interop.llada_hf import is_hf_checkpoint, load_hf_checkpoint, read_hf_checkpoint
 from ..model.config import ModelConfig
 from ..model.transformer import MaskPredictor
+from .checkpoint_files import (  # noqa: F401  (re-exported: one place to ask "is this checkpoint usable?")
+    CheckpointError,
+    atomic_write,
+    checkpoint_problem,
+    find_resume_checkpoint,
+    link_last,
+    prune_step_checkpoints,
+    remove_partial_writes,
+    step_checkpoints,
+    step_of,
+)
 
 EXPORT_FILE = "model.pt"
 FINISHED_FILE = "FINISHED"
 TOKENIZER_DIR = "tokenizer"
 STAGE_ORDER = ("sft", "pretrain")  # a run directory's most trained model comes first
-
-
-class CheckpointError(ValueError):
-    """A checkpoint path that does not exist, holds no model, or does not fit the configured model."""
 
 
 def _from_hf(read, *args):
@@ -78,9 +91,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise CheckpointError(f"checkpoint path does not exist: {p}")
     if p.is_file() or _is_sharded_dir(p):
         return p
-    candidates = [p / EXPORT_FILE, p / "checkpoints" / "last.ckpt"]
+    candidates = [p / EXPORT_FILE, p / "checkpoints" / "last.ckpt", *step_checkpoints(p / "checkpoints")[:1]]
     for stage in STAGE_ORDER:
-        candidates += [p / stage / EXPORT_FILE, p / stage / "checkpoints" / "last.ckpt"]
+        candidates += [p / stage / EXPORT_FILE, p / stage / "checkpoints" / "last.ckpt",
+                       *step_checkpoints(p / stage / "checkpoints")[:1]]
     for c in candidates:
         if c.is_file() or _is_sharded_dir(c):
             return c
@@ -233,15 +247,12 @@ def export_model(path: str | Path, model_config: ModelConfig, state: dict, token
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"model_config": asdict(model_config), "state_dict": state, "tokenizer_json": tokenizer_json,
                **(extra or {})}
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
-    return path
+    return atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def write_finished(stage_dir: str | Path, summary: dict) -> None:
-    path = Path(stage_dir) / FINISHED_FILE
-    path.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    text = json.dumps(summary, indent=2, default=str) + "\n"
+    atomic_write(Path(stage_dir) / FINISHED_FILE, lambda f: f.write(text.encode()))
 
 
 def read_finished(stage_dir: str | Path) -> dict | None:
@@ -250,6 +261,9 @@ def read_finished(stage_dir: str | Path) -> dict | None:
 
 
 def last_checkpoint(stage_dir: str | Path) -> Path | None:
-    """`checkpoints/last.ckpt` of a stage (file or sharded directory), if any."""
+    """`checkpoints/last.ckpt` of a stage if it points at something, else its newest step checkpoint."""
     p = Path(stage_dir) / "checkpoints" / "last.ckpt"
-    return p if p.exists() else None
+    if p.exists():
+        return p
+    steps = step_checkpoints(Path(stage_dir) / "checkpoints")
+    return steps[0] if steps else None

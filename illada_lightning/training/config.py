@@ -99,6 +99,8 @@ class LoopConfig:
     val_every_n_steps: int = 500  # optimizer steps between validations (0: only at the end)
     limit_val_batches: int = 50  # validation batches per evaluation (0: all)
     ckpt_every_n_steps: int = 1000  # optimizer steps between checkpoints (0: only at the end)
+    # Step checkpoints kept (the newest); >= 2 so a rollback or a resume has an older one to fall back to.
+    ckpt_keep: int = 2
     log_every_n_steps: int = 10
     max_time: str | None = None  # wall-clock cap "DD:HH:MM:SS"; the stage then ends normally (checkpoint, export)
 
@@ -108,6 +110,7 @@ class LoopConfig:
               f"{where}.accumulate_grad_batches must be >= 1, got {self.accumulate_grad_batches}")
         for key in ("val_every_n_steps", "limit_val_batches", "ckpt_every_n_steps"):
             _need(getattr(self, key) >= 0, f"{where}.{key} must be >= 0, got {getattr(self, key)}")
+        _need(self.ckpt_keep >= 1, f"{where}.ckpt_keep must be >= 1, got {self.ckpt_keep}")
         _need(self.log_every_n_steps >= 1, f"{where}.log_every_n_steps must be >= 1, got {self.log_every_n_steps}")
         if self.max_time is not None:
             parts = self.max_time.split(":")

@@ -3,7 +3,13 @@
 The child runs carry the `mlflow.parentRunId` tag, which is how the MLflow UI nests them under the parent
 (the same tag `mlflow.start_run(nested=True)` writes). Training logs through Lightning's `MLFlowLogger`
 bound to the child run. Run ids are kept in `<run_dir>/mlflow_runs.json`, so a resumed experiment keeps
-logging into the same runs.
+its parent run.
+
+Statuses are truthful: a run is RUNNING only while a process works on it (Lightning's logger would mark it
+FINISHED at the end of every fit, even the validation before training), and ends FINISHED, FAILED (an
+error, a non-finite stop) or KILLED (a stop signal). Each attempt at a stage is its own child run: on resume
+the previous attempt's run, if its process died leaving it RUNNING, is closed as KILLED, and the new run
+points to it (`illada.previous_attempt`, `illada.attempt`).
 
 Default store (`mlflow.tracking_uri: null`): `sqlite:///<runs_root>/mlflow.db`, the backend MLflow 3
 recommends (the file store is deprecated), with artifacts under `<runs_root>/mlartifacts`.
@@ -13,12 +19,17 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
+
+from lightning.pytorch.loggers import MLFlowLogger
 
 from illada_lightning.provenance import git_commit
 
-from ..config import flatten, to_dict
+from ..config import ConfigError, flatten, to_dict
+from .checkpoint_files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +56,40 @@ def artifact_location(mlflow_cfg, runs_root: str | Path) -> str | None:
     return (Path(runs_root).expanduser().resolve() / "mlartifacts").as_uri()
 
 
+def check_tracking_uri(mlflow_cfg, runs_root: str | Path, timeout_s: float = 10.0) -> None:
+    """Before training: a SQLite store must live in an existing directory (one under the runs root is
+    created), and a tracking server must accept connections; each refusal is one line naming the URI."""
+    uri = mlflow_cfg.tracking_uri
+    if not mlflow_cfg.enabled or not uri:
+        return
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):]).expanduser().resolve()
+        root = Path(runs_root).expanduser().resolve()
+        if db.parent.is_dir():
+            return
+        if db.is_relative_to(root):
+            db.parent.mkdir(parents=True, exist_ok=True)
+            return
+        raise ConfigError(f"mlflow.tracking_uri={uri}: directory {db.parent} does not exist; create it, or leave "
+                          f"mlflow.tracking_uri unset for {root / 'mlflow.db'}")
+    if uri.startswith(("http://", "https://")):
+        parsed = urlparse(uri)
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        try:
+            socket.create_connection((parsed.hostname, port), timeout=timeout_s).close()
+        except OSError as exc:
+            raise ConfigError(f"mlflow.tracking_uri={uri}: cannot reach the tracking server "
+                              f"({exc.strerror or exc}); start it, fix the URI or set mlflow.enabled=false") from None
+
+
+class StageLogger(MLFlowLogger):
+    """Lightning's MLflow logger without its status changes: Lightning ends the run FINISHED after every fit
+    and validate (the run then looked finished during training and after kill -9); the Tracker decides."""
+
+    def finalize(self, status: str = "success") -> None:
+        return
+
+
 def ui_command(uri: str) -> str:
     return f"mlflow ui --backend-store-uri {uri}"
 
@@ -64,6 +109,7 @@ class Tracker:
                                                  artifact_location(cfg.mlflow, cfg.runs_root))
         self.runs = self._load_runs()
         self.commit = git_commit() if git_commit() != "unknown" else None
+        self.open: list[str] = []  # runs this process set RUNNING and must close
 
     def _experiment_id(self, name: str, location: str | None) -> str:
         found = self.client.get_experiment_by_name(name)
@@ -84,8 +130,11 @@ class Tracker:
             return False
 
     def _save_runs(self) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / RUNS_FILE).write_text(json.dumps(self.runs, indent=2) + "\n")
+        text = json.dumps(self.runs, indent=2) + "\n"
+        atomic_write(self.run_dir / RUNS_FILE, lambda f: f.write(text.encode()))
+
+    def status(self, run_id: str) -> str:
+        return self.client.get_run(run_id).info.status
 
     def _tags(self) -> dict[str, str]:
         tags = {"illada.experiment": self.cfg.name, "illada.run_dir": str(self.run_dir.resolve()),
@@ -100,7 +149,38 @@ class Tracker:
             self.runs["parent"] = run.info.run_id
             self._save_runs()
             self.log_params(self.runs["parent"], flatten(to_dict(self.cfg)))
-        return self.runs["parent"]
+        parent = self.runs["parent"]
+        if parent not in self.open:  # this process now works on the experiment (again, after a resume)
+            if self.status(parent) != "RUNNING":
+                self.client.update_run(parent, status="RUNNING")
+            self.open.append(parent)
+        return parent
+
+    def begin_stage(self, stage: str) -> str:
+        """A new child run for this attempt at `stage`. The previous attempt's run, left RUNNING by a process
+        that died (kill -9, a node failure), is closed as KILLED."""
+        parent = self.parent_run_id()
+        tags = {**self._tags(), PARENT_TAG: parent, "illada.stage": stage, "illada.attempt": "1"}
+        previous = self.runs.get(stage)
+        if previous is not None:
+            if self.status(previous) == "RUNNING":
+                self.client.set_tag(previous, "illada.stopped", "its process ended without closing the run; "
+                                    "closed as KILLED when the experiment was resumed")
+                self.client.set_terminated(previous, "KILLED")
+            attempt = int(self.client.get_run(previous).data.tags.get("illada.attempt", "1")) + 1
+            tags.update({"illada.previous_attempt": previous, "illada.attempt": str(attempt)})
+        run = self.client.create_run(self.experiment_id, run_name=f"{self.cfg.name}/{stage}", tags=tags)
+        self.runs[stage] = run.info.run_id
+        self.open.append(run.info.run_id)
+        self._save_runs()
+        return run.info.run_id
+
+    def end(self, status: str) -> None:
+        """Close every run this process opened and has not closed yet (FINISHED, FAILED or KILLED)."""
+        for run_id in reversed(self.open):
+            if self.status(run_id) == "RUNNING":
+                self.client.set_terminated(run_id, status)
+        self.open = []
 
     def stage_run_id(self, stage: str) -> str:
         """The child run of `stage` (created on first use, nested under the parent)."""
@@ -112,14 +192,10 @@ class Tracker:
             self._save_runs()
         return self.runs[stage]
 
-    def logger(self, stage: str):
-        """Lightning's MLFlowLogger bound to the stage's child run."""
-        from lightning.pytorch.loggers import MLFlowLogger
-
-        run_id = self.stage_run_id(stage)
-        logger = MLFlowLogger(experiment_name=self.cfg.mlflow.experiment_name, tracking_uri=self.uri,
-                              run_id=run_id, log_model=False)
-        return logger
+    def logger(self, stage: str) -> StageLogger:
+        """Lightning's MLflow logger bound to the stage's child run (which it never closes)."""
+        return StageLogger(experiment_name=self.cfg.mlflow.experiment_name, tracking_uri=self.uri,
+                           run_id=self.stage_run_id(stage), log_model=False)
 
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -151,6 +227,8 @@ class Tracker:
         run_id = self.runs["parent"] if stage == "parent" else self.runs.get(stage)
         if run_id:
             self.client.set_terminated(run_id, status)
+            if run_id in self.open:
+                self.open.remove(run_id)
 
     def describe(self) -> str:
         parent = self.runs.get("parent")
