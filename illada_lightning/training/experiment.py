@@ -29,6 +29,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from ..config import ConfigError, flatten, to_dict, to_yaml
 from ..data.config import SFTDataConfig
+from ..runs import CONFIG_FILE, VAL_LOSS
 from .callbacks import LossPlateauLRSwitch, NonFiniteLossError, NonFiniteLossGuard, ThroughputMonitor
 from .checkpoint import (
     FINISHED_FILE,
@@ -285,7 +286,7 @@ def _has_val(datamodule) -> bool:
 
 
 def _val_loss(results: list[dict]) -> float | None:
-    return float(results[0]["val/loss"]) if results and "val/loss" in results[0] else None
+    return float(results[0][VAL_LOSS]) if results and VAL_LOSS in results[0] else None
 
 
 def _loss_summary(first: list[tuple[int, float]], recent: list[tuple[int, float]]) -> dict[str, float | None]:
@@ -462,14 +463,14 @@ def run_experiment(cfg: ExperimentConfig, *, extra_callbacks=(), preview: bool =
     tracker = None
     if is_rank_zero():
         run_dir.mkdir(parents=True, exist_ok=True)
-        warn_config_drift(cfg, run_dir / "config.yaml")
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        warn_config_drift(cfg, run_dir / CONFIG_FILE)
+        (run_dir / CONFIG_FILE).write_text(to_yaml(cfg))
         if cfg.mlflow.enabled:
             from .tracking import Tracker
 
             tracker = Tracker(cfg, run_dir)
             tracker.parent_run_id()
-            tracker.client.log_artifact(tracker.runs["parent"], str(run_dir / "config.yaml"))
+            tracker.client.log_artifact(tracker.runs["parent"], str(run_dir / CONFIG_FILE))
     result: dict[str, Any] = {"run_dir": str(run_dir), "stages": {}}
     for stage in stages_of(cfg):
         result["stages"][stage] = run_stage(cfg, stage, tokenizer, datamodules[stage], tracker, extra_callbacks)

@@ -18,31 +18,22 @@ from typing import Any
 
 from illada_lightning.provenance import git_commit
 
+from .. import runs
 from ..config import flatten, to_dict
+from ..runs import PARENT_TAG, RUNS_FILE, STAGE_TAG
 
 log = logging.getLogger(__name__)
-
-RUNS_FILE = "mlflow_runs.json"
-PARENT_TAG = "mlflow.parentRunId"
 
 
 def tracking_uri(mlflow_cfg, runs_root: str | Path) -> str:
     if mlflow_cfg.tracking_uri:
         return mlflow_cfg.tracking_uri
-    root = Path(runs_root).expanduser().resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{root / 'mlflow.db'}"
+    Path(runs_root).expanduser().resolve().mkdir(parents=True, exist_ok=True)
+    return runs.default_tracking_uri(runs_root)
 
 
 def artifact_location(mlflow_cfg, runs_root: str | Path) -> str | None:
-    if mlflow_cfg.artifact_location:
-        return mlflow_cfg.artifact_location
-    uri = mlflow_cfg.tracking_uri
-    if uri and uri.startswith("sqlite:///"):  # a local database: artifacts beside it, not in ./mlruns of the cwd
-        return (Path(uri[len("sqlite:///"):]).expanduser().resolve().parent / "mlartifacts").as_uri()
-    if uri:  # a user's server decides where artifacts go
-        return None
-    return (Path(runs_root).expanduser().resolve() / "mlartifacts").as_uri()
+    return mlflow_cfg.artifact_location or runs.artifact_location(mlflow_cfg.tracking_uri, runs_root)
 
 
 def ui_command(uri: str) -> str:
@@ -106,7 +97,7 @@ class Tracker:
         """The child run of `stage` (created on first use, nested under the parent)."""
         parent = self.parent_run_id()
         if stage not in self.runs:
-            tags = {**self._tags(), PARENT_TAG: parent, "illada.stage": stage}
+            tags = {**self._tags(), PARENT_TAG: parent, STAGE_TAG: stage}
             run = self.client.create_run(self.experiment_id, run_name=f"{self.cfg.name}/{stage}", tags=tags)
             self.runs[stage] = run.info.run_id
             self._save_runs()
