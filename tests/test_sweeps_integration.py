@@ -13,11 +13,12 @@ from mlflow import MlflowClient
 from illada_lightning.reporting import build_report
 from illada_lightning.sweeps import ParamSpec, SweepSpec, run_sweep
 from illada_lightning.sweeps.spec import EvaluationSpec, ObjectiveSpec
-from illada_lightning.sweeps.storage import open_storage
+from illada_lightning.sweeps.study import open_storage
 
 pytest.importorskip("illada_lightning.training.experiment")
 pytest.importorskip("illada_lightning.evaluation.cli")
 
+pytestmark = pytest.mark.slow  # real (tiny) trainings and evaluations
 REPO = Path(__file__).resolve().parents[1]
 HELD_OUT = REPO / "data" / "corpus" / "valid.txt"  # the shipped corpus: tests never read ../shared
 TINY = [

@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 from illada_lightning.sweeps import ParamSpec, SweepSpec, run_sweep
 from illada_lightning.sweeps.fake import fake_metric
 from illada_lightning.sweeps.spec import EvaluationSpec, ObjectiveSpec, PrunerSpec, SamplerSpec
-from illada_lightning.sweeps.storage import open_storage
+from illada_lightning.sweeps.study import open_storage
 
 REPO = Path(__file__).resolve().parents[1]
 TOY_SCHEMA = "illada_lightning.sweeps.fake:ToyExperimentConfig"
@@ -135,6 +135,7 @@ def test_failing_trial_is_recorded_failed_and_the_study_goes_on(tmp_path, tracki
     assert sum(t.state == TrialState.COMPLETE for t in trials) == 2 and len(trials) == 6
 
 
+@pytest.mark.slow
 def test_two_worker_processes_share_one_sqlite_study_without_duplicates(tmp_path, tracking_uri, monkeypatch):
     monkeypatch.setenv("ILLADA_FAKE_SLEEP_S", "0.2")
     spec = make_spec(tmp_path, tracking_uri, "workers", rules=("confidence", "likelihood", "confidence2"))
@@ -149,6 +150,7 @@ def test_two_worker_processes_share_one_sqlite_study_without_duplicates(tmp_path
     assert len(child_runs(tracking_uri, result.parent_run_id)) == 6
 
 
+@pytest.mark.slow
 def test_killed_sweep_resumes_the_trial_its_dead_worker_held(tmp_path, tracking_uri):
     """SIGKILL mid-trial leaves a RUNNING trial; the relaunch finds it stale (no heartbeat) and reruns it."""
     spec = make_spec(tmp_path, tracking_uri, "killed", heartbeat_s=1)
@@ -173,15 +175,22 @@ def test_killed_sweep_resumes_the_trial_its_dead_worker_held(tmp_path, tracking_
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    assert trial_states(db) == ["COMPLETE", "RUNNING", "WAITING", "WAITING"]
-    result = run_sweep(spec)  # waits out the grace period (2 heartbeats), re-queues the dead trial
+    assert trial_states(db) == ["COMPLETE", "RUNNING"]
+    client = MlflowClient(tracking_uri)
+    dead_run = load_trials(spec)[1].user_attrs["mlflow_run_id"]
+    assert client.get_run(dead_run).info.status == "RUNNING"  # what kill -9 leaves behind
+    result = run_sweep(spec)  # waits out the grace period (3 heartbeats); Optuna fails and re-queues the trial
     trials = load_trials(spec)
     states = [t.state for t in trials]
     assert states.count(TrialState.COMPLETE) == 4 and states.count(TrialState.FAIL) == 1
+    assert trials[1].state == TrialState.FAIL and result.n_pending == 0
     completed = [(t.params["sft.epochs"], t.params["eval.scoring_rule"]) for t in trials
                  if t.state == TrialState.COMPLETE]
     assert len(set(completed)) == 4
-    assert trials[0].state == TrialState.COMPLETE and result.n_pending == 0
+    assert (trials[1].params in [t.params for t in trials[2:]])  # the retry ran the dead trial's point
+    dead = client.get_run(dead_run)
+    assert dead.info.status == "KILLED" and "no heartbeat" in dead.data.tags["sweep.error"]
+    assert "no heartbeat" in dict(result.errors)[1]
 
 
 def pruned_above(ctx):
