@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from mlflow import MlflowClient
 
 from ..runs import COMMIT_TAGS, PARENT_TAG, ROLE_TAG, SWEEP_NAME_TAG, SWEEP_STUDY_TAG, TRIAL_NUMBER_TAG
+
 REPORT_TAG = "report.role"  # runs a report created to hold its artifact: never part of a scope
 
 

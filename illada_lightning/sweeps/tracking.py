@@ -61,7 +61,7 @@ class file_lock:  # noqa: N801 (used like a function: `with file_lock(path) as l
         self.release()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _create_store_once(tracking_uri: str) -> None:
     """Create a SQLite store's schema under a lock beside it: two processes migrating a fresh store at once
     crash (`duplicate column name: step`); the second one here finds it created."""
