@@ -288,3 +288,25 @@ def test_two_launchers_on_a_fresh_store_share_one_study(tmp_path):
 def load_study_attr(spec: SweepSpec, key: str):
     study = optuna.load_study(study_name=spec.resolved_study_name, storage=open_storage(spec.resolved_storage))
     return study.user_attrs[key]
+
+
+def declared_dead_midway(ctx):
+    """Trial 0 finds itself marked FAIL meanwhile (what another worker does when it misses the heartbeats;
+    Optuna would then raise "Cannot tell a FAIL trial" in this worker)."""
+    if ctx.number == 0:
+        storage = open_storage(ctx.spec.resolved_storage)
+        storage.set_trial_state_values(ctx.trial._trial_id, TrialState.FAIL)
+    return {"eval/toy/acc": 0.5}
+
+
+declared_dead_midway.declared_metrics = ("eval/toy/acc",)
+
+
+def test_a_trial_declared_dead_meanwhile_is_not_finished_twice(tmp_path, tracking_uri):
+    spec = make_spec(tmp_path, tracking_uri, "dead_meanwhile")
+    result = run_sweep(spec, declared_dead_midway)  # no "Cannot tell a FAIL trial" crash
+    trials = load_trials(spec)
+    assert trials[0].state == TrialState.FAIL and result.n_complete == 3 and result.n_pending == 0
+    run = MlflowClient(tracking_uri).get_run(trials[0].user_attrs["mlflow_run_id"])
+    assert run.info.status == "KILLED" and "result discarded" in run.data.tags["sweep.error"]
+    assert run_sweep(spec, declared_dead_midway).n_complete == 4  # the relaunch reruns the point once

@@ -57,6 +57,7 @@ from .validate import SweepError, validate_sweep
 log = logging.getLogger(__name__)
 ATTR_PARENT, ATTR_EXPERIMENT, ATTR_SPACE, ATTR_SETUP = (
     "mlflow_parent_run_id", "mlflow_experiment_id", "sweep_space", "sweep_setup")
+DISCARDED = "result discarded: another worker marked the trial dead (no heartbeat) and queued it again"
 BUILT_IN = {"train": trials.train_trial, "eval_only": trials.eval_only_trial, "per_epoch": trials.per_epoch_trial}
 
 
@@ -134,8 +135,16 @@ def run_trial(trial: optuna.Trial, spec: SweepSpec, trial_fn: TrialFn, worker: s
         raise
     logged = client.get_run(run_id).data.metrics
     log_metrics(client, run_id, {k: v for k, v in metrics.items() if k not in logged})
+    if not _still_running(trial):  # declared dead by another worker (and queued again): it is not ours to finish
+        finish_run(client, run_id, "KILLED", "FAIL", DISCARDED)
+        raise RuntimeError(f"trial {trial.number}: {DISCARDED}")
     finish_run(client, run_id, "FINISHED", "COMPLETE")
     return metrics[spec.objective.metric]
+
+
+def _still_running(trial: optuna.Trial) -> bool:
+    running = trial.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    return any(t.number == trial.number for t in running)
 
 
 # Workers ---------------------------------------------------------------------------------------------------------
@@ -176,7 +185,7 @@ def _optimize_one(study: optuna.Study, spec: SweepSpec, fn: TrialFn, worker: str
     except ValueError as exc:  # Optuna refuses to tell a trial another worker already declared dead
         if "Cannot tell" not in str(exc):
             raise
-        log.warning("trial result discarded: another worker marked it failed (no heartbeat); its retry reruns it")
+        log.warning(DISCARDED)
 
 
 def _worker_process(spec: SweepSpec, trial_fn: TrialFn | str | None, worker_index: int,
