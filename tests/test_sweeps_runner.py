@@ -1,4 +1,4 @@
-"""Sweep machinery with the injected fake trial (illada_lightning.sweeps.fake): grid, nesting, resume,
+"""Sweep machinery with the injected fake trial (tests/sweep_fakes.py): grid, nesting, resume,
 failures, parallel workers. Each test has its own Optuna study; the MLflow store is shared per module
 (creating one costs seconds), each test in its own MLflow experiment."""
 
@@ -19,13 +19,13 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from illada_lightning.sweeps import ParamSpec, SweepSpec, run_sweep
-from illada_lightning.sweeps.fake import fake_metric
 from illada_lightning.sweeps.spec import EvaluationSpec, ObjectiveSpec, PrunerSpec, SamplerSpec
 from illada_lightning.sweeps.study import open_storage
+from tests.sweep_fakes import fake_metric
 
 REPO = Path(__file__).resolve().parents[1]
-TOY_SCHEMA = "illada_lightning.sweeps.fake:ToyExperimentConfig"
-TOY_EVAL = EvaluationSpec(schema="illada_lightning.sweeps.fake:ToyEvalConfig")
+TOY_SCHEMA = "tests.sweep_fakes:ToyExperimentConfig"
+TOY_EVAL = EvaluationSpec(schema="tests.sweep_fakes:ToyEvalConfig")
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def make_spec(tmp_path: Path, tracking_uri: str, name: str, rules=("confidence",
         objective=ObjectiveSpec(metric="eval/toy/acc", direction="maximize"),
         output_dir=str(tmp_path / name),
         tracking_uri=tracking_uri,
-        trial_fn="illada_lightning.sweeps.fake:fake_trial",
+        trial_fn="tests.sweep_fakes:fake_trial",
         **kw,
     )
     spec.validate()

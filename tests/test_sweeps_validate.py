@@ -25,8 +25,8 @@ from illada_lightning.sweeps.spec import EvaluationSpec, ObjectiveSpec, SamplerS
 from illada_lightning.sweeps.study import budget
 
 REPO = Path(__file__).resolve().parents[1]
-TOY = "illada_lightning.sweeps.fake:ToyExperimentConfig"
-TOY_EVAL = "illada_lightning.sweeps.fake:ToyEvalConfig"
+TOY = "tests.sweep_fakes:ToyExperimentConfig"
+TOY_EVAL = "tests.sweep_fakes:ToyEvalConfig"
 CALLS: list = []
 
 
@@ -173,7 +173,7 @@ def test_multirun_parsing():
 
 def test_launch_multirun_runs_a_grid_and_resumes(tmp_path, capsys):
     args = ["sft.epochs=1,2", "eval.scoring_rule=confidence,likelihood", f"sweep.schema={TOY}",
-            "sweep.trial_fn=illada_lightning.sweeps.fake:fake_trial", "sweep.objective.metric=eval/toy/acc",
+            "sweep.trial_fn=tests.sweep_fakes:fake_trial", "sweep.objective.metric=eval/toy/acc",
             f"sweep.evaluation.schema={TOY_EVAL}",
             f"sweep.output_dir={tmp_path / 'mr'}", f"sweep.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
     result = launch_multirun(args)
