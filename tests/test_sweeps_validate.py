@@ -38,6 +38,12 @@ def spy_trial(ctx):
 spy_trial.declared_metrics = ("eval/toy/acc",)
 
 
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    """One MLflow store for the module (creating one costs seconds); tests use their own experiments."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
 def toy_spec(tmp_path, space=None, **kw) -> SweepSpec:
     kw.setdefault("tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}")
     kw.setdefault("objective", ObjectiveSpec("eval/toy/acc", "maximize"))
@@ -104,7 +110,7 @@ def test_unopenable_storage_fails_before_any_trial(tmp_path, url, match):
     assert_fails_before_trials(toy_spec(tmp_path, storage=url), match)
 
 
-def test_the_shipped_sweep_files_validate_on_the_data_the_project_has(tmp_path, monkeypatch):
+def test_the_shipped_sweep_files_validate_on_the_data_the_project_has(tmp_path, monkeypatch, store):
     """Every shipped sweep validates as shipped (keys, metric, stores, data files); the only file outside the
     repository is GSM8K (staged in ../shared/data, replaced here by a stand-in so tests never need it)."""
     monkeypatch.chdir(REPO)
@@ -114,7 +120,7 @@ def test_the_shipped_sweep_files_validate_on_the_data_the_project_has(tmp_path, 
     assert {f.stem for f in files} >= {"scoring_rule", "sft_epochs", "block_length", "remasking", "lr_search"}
     modes = {}
     for f in files:
-        spec = load_sweep_spec(f, [f"output_dir={tmp_path / f.stem}", f"tracking_uri=sqlite:///{tmp_path}/m.db",
+        spec = load_sweep_spec(f, [f"output_dir={tmp_path / f.stem}", f"tracking_uri={store}",
                                    f"evaluation.data.gsm8k={gsm8k}"])
         validate_sweep(spec)
         modes[f.stem] = (spec.mode, spec.sampler.type)
@@ -122,9 +128,10 @@ def test_the_shipped_sweep_files_validate_on_the_data_the_project_has(tmp_path, 
     assert modes["lr_search"] == ("train", "tpe")
 
 
-def test_missing_task_data_is_named_with_where_to_get_it_and_a_pointed_file_enables_the_task(tmp_path, monkeypatch):
+def test_missing_task_data_is_named_with_where_to_get_it_and_a_pointed_file_enables_the_task(tmp_path, monkeypatch,
+                                                                                             store):
     monkeypatch.chdir(REPO)
-    common = [f"output_dir={tmp_path / 'o'}", f"tracking_uri=sqlite:///{tmp_path}/m.db"]
+    common = [f"output_dir={tmp_path / 'o'}", f"tracking_uri={store}"]
     paper = [*common, "evaluation.tasks=[cloze,piqa,arc_challenge,hellaswag]",
              f"evaluation.data.piqa={tmp_path / 'nope' / 'valid.jsonl'}"]
     with pytest.raises(SweepError, match=r"3 evaluation task\(s\) have no data file") as info:
@@ -227,10 +234,10 @@ def test_pruning_callback_reports_each_validation_and_prunes_with_lightning_2():
     assert study._storage.get_trial(bad._trial_id).intermediate_values == pytest.approx({2: 6.0})
 
 
-def test_sweeps_run_cli_validates_and_reports_errors(tmp_path, capsys):
+def test_sweeps_run_cli_validates_and_reports_errors(tmp_path, capsys, store):
     from sweeps.run import main
 
-    common = [f"output_dir={tmp_path / 'o'}", f"tracking_uri=sqlite:///{tmp_path / 'm.db'}"]
+    common = [f"output_dir={tmp_path / 'o'}", f"tracking_uri={store}"]
     assert main([str(REPO / "sweeps" / "scoring_rule.yaml"), "--validate", *common]) == 0
     assert "sweep 'scoring_rule' is valid" in capsys.readouterr().out
     assert main([str(REPO / "sweeps" / "scoring_rule.yaml"), "--validate", *common,
