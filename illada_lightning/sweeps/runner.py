@@ -23,7 +23,7 @@ import optuna
 from optuna.trial import TrialState
 
 from ..config import flatten
-from ..runs import SWEEP_PARAM_PREFIX, TRIAL_NUMBER_TAG
+from ..runs import SWEEP_NAME_TAG, SWEEP_PARAM_PREFIX, SWEEP_STUDY_TAG, TRIAL_NUMBER_TAG
 from . import trials
 from .context import SetupContext, TrialContext, TrialFn
 from .space import suggest, to_overrides
@@ -41,8 +41,7 @@ from .study import (
 from .targets import TargetError, import_object
 from .tracking import (
     client_for,
-    create_child_run,
-    create_parent_run,
+    create_run,
     ensure_experiment,
     error_text,
     file_lock,
@@ -110,10 +109,10 @@ def run_trial(trial: optuna.Trial, spec: SweepSpec, trial_fn: TrialFn, worker: s
     """The objective: run `trial_fn` inside the trial's MLflow run; Optuna records the outcome."""
     client, attrs = client_for(spec.resolved_tracking_uri), trial.study.user_attrs
     params = suggest(trial, spec.space)
-    run_id = create_child_run(
-        client, attrs[ATTR_EXPERIMENT], attrs[ATTR_PARENT], f"{spec.name}-trial-{trial.number}", "trial",
-        {"sweep.name": spec.name, "sweep.study": spec.resolved_study_name, TRIAL_NUMBER_TAG: trial.number,
-         "sweep.worker": worker, **{f"{SWEEP_PARAM_PREFIX}{k}": v for k, v in params.items()}})
+    run_id = create_run(
+        client, attrs[ATTR_EXPERIMENT], f"{spec.name}-trial-{trial.number}", "trial",
+        {**_sweep_tags(spec), TRIAL_NUMBER_TAG: trial.number, "sweep.worker": worker,
+         **{f"{SWEEP_PARAM_PREFIX}{k}": v for k, v in params.items()}}, attrs[ATTR_PARENT])
     trial.set_user_attr("mlflow_run_id", run_id)
     trial.set_user_attr("worker", worker)
     log_params(client, run_id, params)
@@ -194,6 +193,10 @@ def _worker_process(spec: SweepSpec, trial_fn: TrialFn | str | None, worker_inde
     worker_loop(spec, trial_fn, worker_index, max_trials)
 
 
+def _sweep_tags(spec: SweepSpec) -> dict[str, str]:
+    return {SWEEP_NAME_TAG: spec.name, SWEEP_STUDY_TAG: spec.resolved_study_name}
+
+
 # Preparation -----------------------------------------------------------------------------------------------------
 def _ensure_parent_run(study: optuna.Study, spec: SweepSpec) -> tuple[str, str]:
     client = client_for(spec.resolved_tracking_uri)
@@ -202,11 +205,10 @@ def _ensure_parent_run(study: optuna.Study, spec: SweepSpec) -> tuple[str, str]:
     if run_exists(client, parent):
         client.update_run(parent, status="RUNNING")
         return parent, experiment_id
-    parent = create_parent_run(
-        client, experiment_id, spec.name, spec.resolved_study_name,
-        {"sweep.mode": spec.mode, "sweep.space": json.dumps(list(spec.space)), "sweep.objective": spec.objective.metric,
-         "sweep.direction": spec.objective.direction, "sweep.sampler": spec.sampler.type,
-         "sweep.storage": spec.resolved_storage})
+    parent = create_run(client, experiment_id, f"sweep-{spec.name}", "parent", {
+        **_sweep_tags(spec), "sweep.mode": spec.mode, "sweep.space": json.dumps(list(spec.space)),
+        "sweep.objective": spec.objective.metric, "sweep.direction": spec.objective.direction,
+        "sweep.sampler": spec.sampler.type, "sweep.storage": spec.resolved_storage})
     log_params(client, parent, {f"sweep.{k}": v for k, v in flatten(dataclasses.asdict(spec)).items()})
     study.set_user_attr(ATTR_PARENT, parent)
     study.set_user_attr(ATTR_EXPERIMENT, experiment_id)
@@ -219,8 +221,7 @@ def _run_setup(study: optuna.Study, spec: SweepSpec, trial_fn: TrialFn, parent: 
     if setup_fn is None or ATTR_SETUP in study.user_attrs:
         return
     client = client_for(spec.resolved_tracking_uri)
-    run_id = create_child_run(client, experiment_id, parent, f"{spec.name}-base", "base",
-                              {"sweep.name": spec.name, "sweep.study": spec.resolved_study_name})
+    run_id = create_run(client, experiment_id, f"{spec.name}-base", "base", _sweep_tags(spec), parent)
     ctx = SetupContext(spec, run_id, parent, experiment_id, spec.resolved_tracking_uri, client,
                        spec.resolved_output_dir / "base")
     try:

@@ -23,9 +23,7 @@ from ..runs import (
     ROLE_TAG,
     RUNS_FILE,
     SWEEP_ERROR_TAG,
-    SWEEP_NAME_TAG,
     SWEEP_STATE_TAG,
-    SWEEP_STUDY_TAG,
     artifact_location,
     sqlite_path,
 )
@@ -131,25 +129,12 @@ def run_exists(client: MlflowClient, run_id: str | None) -> bool:
         return False
 
 
-def create_parent_run(client: MlflowClient, experiment_id: str, sweep_name: str, study_name: str, tags: dict) -> str:
-    run = client.create_run(
-        experiment_id,
-        run_name=f"sweep-{sweep_name}",
-        tags={ROLE_TAG: "parent", SWEEP_NAME_TAG: sweep_name, SWEEP_STUDY_TAG: study_name,
-              "git_commit": git_commit(), **{k: param_str(v) for k, v in tags.items()}},
-    )
-    return run.info.run_id
-
-
-def create_child_run(
-    client: MlflowClient, experiment_id: str, parent_run_id: str, run_name: str, role: str, tags: dict[str, Any]
-) -> str:
-    run = client.create_run(
-        experiment_id,
-        run_name=run_name,
-        tags={PARENT_TAG: parent_run_id, ROLE_TAG: role, "git_commit": git_commit(),
-              **{k: param_str(v) for k, v in tags.items()}},
-    )
+def create_run(client: MlflowClient, experiment_id: str, run_name: str, role: str, tags: dict[str, Any],
+               parent_run_id: str | None = None) -> str:
+    """A sweep's run (`role` parent | trial | base), nested under `parent_run_id` when given."""
+    nesting = {PARENT_TAG: parent_run_id} if parent_run_id else {}
+    run = client.create_run(experiment_id, run_name=run_name, tags={
+        **nesting, ROLE_TAG: role, "git_commit": git_commit(), **{k: param_str(v) for k, v in tags.items()}})
     return run.info.run_id
 
 
