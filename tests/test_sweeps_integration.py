@@ -13,11 +13,12 @@ from mlflow import MlflowClient
 from illada_lightning.reporting import build_report
 from illada_lightning.sweeps import ParamSpec, SweepSpec, run_sweep
 from illada_lightning.sweeps.spec import EvaluationSpec, ObjectiveSpec
-from illada_lightning.sweeps.storage import open_storage
+from illada_lightning.sweeps.study import open_storage
 
 pytest.importorskip("illada_lightning.training.experiment")
 pytest.importorskip("illada_lightning.evaluation.cli")
 
+pytestmark = pytest.mark.slow  # real (tiny) trainings and evaluations
 REPO = Path(__file__).resolve().parents[1]
 HELD_OUT = REPO / "data" / "corpus" / "valid.txt"  # the shipped corpus: tests never read ../shared
 TINY = [
@@ -101,7 +102,9 @@ def test_multirun_over_training_and_eval_keys_trains_each_config_once(tmp_path):
     assert not (tmp_path / "mr" / "trial_0001" / "pretrain").exists()  # evaluated the first trial's model
     run = client.get_run(second.user_attrs["mlflow_run_id"])
     assert run.data.tags["sweep.reused_training_of_trial"] == "0"
-    assert run.data.params["eval.scoring_rule"] == "confidence" and "eval/cloze/acc" in run.data.metrics
+    assert {first.params["eval.scoring_rule"], second.params["eval.scoring_rule"]} == {"likelihood", "confidence"}
+    assert run.data.params["eval.scoring_rule"] == second.params["eval.scoring_rule"]  # GridSampler's order
+    assert "eval/cloze/acc" in run.data.metrics
 
 
 def test_per_epoch_sweep_trains_once_and_reads_each_epoch(tmp_path):

@@ -1,4 +1,4 @@
-"""Sweep machinery with the injected fake trial (illada_lightning.sweeps.fake): grid, nesting, resume,
+"""Sweep machinery with the injected fake trial (tests/sweep_fakes.py): grid, nesting, resume,
 failures, parallel workers. Each test has its own Optuna study; the MLflow store is shared per module
 (creating one costs seconds), each test in its own MLflow experiment."""
 
@@ -19,13 +19,13 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from illada_lightning.sweeps import ParamSpec, SweepSpec, run_sweep
-from illada_lightning.sweeps.fake import fake_metric
 from illada_lightning.sweeps.spec import EvaluationSpec, ObjectiveSpec, PrunerSpec, SamplerSpec
-from illada_lightning.sweeps.storage import open_storage
+from illada_lightning.sweeps.study import open_storage
+from tests.sweep_fakes import fake_metric
 
 REPO = Path(__file__).resolve().parents[1]
-TOY_SCHEMA = "illada_lightning.sweeps.fake:ToyExperimentConfig"
-TOY_EVAL = EvaluationSpec(schema="illada_lightning.sweeps.fake:ToyEvalConfig")
+TOY_SCHEMA = "tests.sweep_fakes:ToyExperimentConfig"
+TOY_EVAL = EvaluationSpec(schema="tests.sweep_fakes:ToyEvalConfig")
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def make_spec(tmp_path: Path, tracking_uri: str, name: str, rules=("confidence",
         objective=ObjectiveSpec(metric="eval/toy/acc", direction="maximize"),
         output_dir=str(tmp_path / name),
         tracking_uri=tracking_uri,
-        trial_fn="illada_lightning.sweeps.fake:fake_trial",
+        trial_fn="tests.sweep_fakes:fake_trial",
         **kw,
     )
     spec.validate()
@@ -135,6 +135,7 @@ def test_failing_trial_is_recorded_failed_and_the_study_goes_on(tmp_path, tracki
     assert sum(t.state == TrialState.COMPLETE for t in trials) == 2 and len(trials) == 6
 
 
+@pytest.mark.slow
 def test_two_worker_processes_share_one_sqlite_study_without_duplicates(tmp_path, tracking_uri, monkeypatch):
     monkeypatch.setenv("ILLADA_FAKE_SLEEP_S", "0.2")
     spec = make_spec(tmp_path, tracking_uri, "workers", rules=("confidence", "likelihood", "confidence2"))
@@ -149,6 +150,7 @@ def test_two_worker_processes_share_one_sqlite_study_without_duplicates(tmp_path
     assert len(child_runs(tracking_uri, result.parent_run_id)) == 6
 
 
+@pytest.mark.slow
 def test_killed_sweep_resumes_the_trial_its_dead_worker_held(tmp_path, tracking_uri):
     """SIGKILL mid-trial leaves a RUNNING trial; the relaunch finds it stale (no heartbeat) and reruns it."""
     spec = make_spec(tmp_path, tracking_uri, "killed", heartbeat_s=1)
@@ -173,15 +175,22 @@ def test_killed_sweep_resumes_the_trial_its_dead_worker_held(tmp_path, tracking_
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    assert trial_states(db) == ["COMPLETE", "RUNNING", "WAITING", "WAITING"]
-    result = run_sweep(spec)  # waits out the grace period (2 heartbeats), re-queues the dead trial
+    assert trial_states(db) == ["COMPLETE", "RUNNING"]
+    client = MlflowClient(tracking_uri)
+    dead_run = load_trials(spec)[1].user_attrs["mlflow_run_id"]
+    assert client.get_run(dead_run).info.status == "RUNNING"  # what kill -9 leaves behind
+    result = run_sweep(spec)  # waits out the grace period (3 heartbeats); Optuna fails and re-queues the trial
     trials = load_trials(spec)
     states = [t.state for t in trials]
     assert states.count(TrialState.COMPLETE) == 4 and states.count(TrialState.FAIL) == 1
+    assert trials[1].state == TrialState.FAIL and result.n_pending == 0
     completed = [(t.params["sft.epochs"], t.params["eval.scoring_rule"]) for t in trials
                  if t.state == TrialState.COMPLETE]
     assert len(set(completed)) == 4
-    assert trials[0].state == TrialState.COMPLETE and result.n_pending == 0
+    assert (trials[1].params in [t.params for t in trials[2:]])  # the retry ran the dead trial's point
+    dead = client.get_run(dead_run)
+    assert dead.info.status == "KILLED" and "no heartbeat" in dead.data.tags["sweep.error"]
+    assert "no heartbeat" in dict(result.errors)[1]
 
 
 def pruned_above(ctx):
@@ -223,3 +232,81 @@ def test_tpe_search_runs_n_trials_and_median_pruning_marks_trials_pruned(tmp_pat
     assert run_sweep(spec, pruned_above).n_complete == result.n_complete  # budget spent: nothing new runs
     assert len(load_trials(spec)) == 5
 
+
+
+CLAIMER = """
+import sys, warnings, optuna
+from illada_lightning.sweeps.study import open_storage
+optuna.logging.set_verbosity(optuna.logging.ERROR)
+warnings.simplefilter("ignore")
+study = optuna.load_study(study_name="claims", storage=open_storage(sys.argv[1]))
+for _ in range(int(sys.argv[2])):
+    print(study.ask()._trial_id, flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_concurrent_workers_never_claim_the_same_queued_trial(tmp_path):
+    """Four processes pop 40 queued trials at once through our SQLite storage: each trial goes to exactly one
+    (pysqlite's deferred transactions let two readers both claim a WAITING trial; BEGIN IMMEDIATE prevents it)."""
+    url = f"sqlite:///{tmp_path / 'claims.db'}"
+    study = optuna.create_study(study_name="claims", storage=open_storage(url))
+    for i in range(40):
+        study.enqueue_trial({"x": i})
+    waiting = {t._trial_id for t in study.get_trials(states=(TrialState.WAITING,))}
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    procs = [subprocess.Popen([sys.executable, "-c", CLAIMER, url, "10"], env=env, stdout=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    claimed = [int(line) for p in procs for line in p.communicate(timeout=600)[0].split()]
+    assert all(p.returncode == 0 for p in procs)
+    assert len(claimed) == 40 and len(set(claimed)) == 40 and set(claimed) == waiting
+
+
+@pytest.mark.slow
+def test_two_launchers_on_a_fresh_store_share_one_study(tmp_path):
+    """Two `sweeps.run` commands started together on fresh MLflow and Optuna stores: neither crashes on schema
+    creation (stores are created once, under a lock), every grid point runs once, both exit 0."""
+    spec = make_spec(tmp_path, f"sqlite:///{tmp_path / 'fresh' / 'mlflow.db'}", "launchers")
+    from illada_lightning.config import to_yaml
+
+    spec_file = tmp_path / "launchers.yaml"
+    spec_file.write_text(to_yaml(spec))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "ILLADA_FAKE_SLEEP_S": "0.5"}
+    procs = [subprocess.Popen([sys.executable, "-m", "sweeps.run", str(spec_file)], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert not any("duplicate column" in o or "Traceback" in o for o in outs), outs
+    trials = load_trials(spec)
+    keys = [(t.params["sft.epochs"], t.params["eval.scoring_rule"]) for t in trials]
+    assert len(trials) == 4 and len(set(keys)) == 4 and all(t.state == TrialState.COMPLETE for t in trials)
+    parent = MlflowClient(spec.resolved_tracking_uri).get_run(load_study_attr(spec, "mlflow_parent_run_id"))
+    assert parent.info.status == "FINISHED"
+    assert len(child_runs(spec.resolved_tracking_uri, parent.info.run_id)) == 4
+
+
+def load_study_attr(spec: SweepSpec, key: str):
+    study = optuna.load_study(study_name=spec.resolved_study_name, storage=open_storage(spec.resolved_storage))
+    return study.user_attrs[key]
+
+
+def declared_dead_midway(ctx):
+    """Trial 0 finds itself marked FAIL meanwhile (what another worker does when it misses the heartbeats;
+    Optuna would then raise "Cannot tell a FAIL trial" in this worker)."""
+    if ctx.number == 0:
+        storage = open_storage(ctx.spec.resolved_storage)
+        storage.set_trial_state_values(ctx.trial._trial_id, TrialState.FAIL)
+    return {"eval/toy/acc": 0.5}
+
+
+declared_dead_midway.declared_metrics = ("eval/toy/acc",)
+
+
+def test_a_trial_declared_dead_meanwhile_is_not_finished_twice(tmp_path, tracking_uri):
+    spec = make_spec(tmp_path, tracking_uri, "dead_meanwhile")
+    result = run_sweep(spec, declared_dead_midway)  # no "Cannot tell a FAIL trial" crash
+    trials = load_trials(spec)
+    assert trials[0].state == TrialState.FAIL and result.n_complete == 3 and result.n_pending == 0
+    run = MlflowClient(tracking_uri).get_run(trials[0].user_attrs["mlflow_run_id"])
+    assert run.info.status == "KILLED" and "result discarded" in run.data.tags["sweep.error"]
+    assert run_sweep(spec, declared_dead_midway).n_complete == 4  # the relaunch reruns the point once

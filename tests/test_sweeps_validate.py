@@ -20,12 +20,13 @@ from illada_lightning.sweeps import (
 )
 from illada_lightning.sweeps.multirun import launch_multirun, parse_multirun, parse_scalar, split_top_level
 from illada_lightning.sweeps.pruning import OptunaPruningCallback
-from illada_lightning.sweeps.space import grid_points, param_values
-from illada_lightning.sweeps.spec import EvaluationSpec, ObjectiveSpec
+from illada_lightning.sweeps.space import param_values
+from illada_lightning.sweeps.spec import EvaluationSpec, ObjectiveSpec, SamplerSpec
+from illada_lightning.sweeps.study import budget
 
 REPO = Path(__file__).resolve().parents[1]
-TOY = "illada_lightning.sweeps.fake:ToyExperimentConfig"
-TOY_EVAL = "illada_lightning.sweeps.fake:ToyEvalConfig"
+TOY = "tests.sweep_fakes:ToyExperimentConfig"
+TOY_EVAL = "tests.sweep_fakes:ToyEvalConfig"
 CALLS: list = []
 
 
@@ -35,6 +36,12 @@ def spy_trial(ctx):
 
 
 spy_trial.declared_metrics = ("eval/toy/acc",)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    """One MLflow store for the module (creating one costs seconds); tests use their own experiments."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
 
 
 def toy_spec(tmp_path, space=None, **kw) -> SweepSpec:
@@ -103,25 +110,53 @@ def test_unopenable_storage_fails_before_any_trial(tmp_path, url, match):
     assert_fails_before_trials(toy_spec(tmp_path, storage=url), match)
 
 
-def test_the_shipped_sweep_files_load_and_validate_against_the_real_configs(tmp_path):
+def test_the_shipped_sweep_files_validate_on_the_data_the_project_has(tmp_path, monkeypatch, store):
+    """Every shipped sweep validates as shipped (keys, metric, stores, data files); the only file outside the
+    repository is GSM8K (staged in ../shared/data, replaced here by a stand-in so tests never need it)."""
+    monkeypatch.chdir(REPO)
+    gsm8k = tmp_path / "gsm8k.jsonl"
+    gsm8k.write_text('{"question": "1+1?", "answer": "#### 2"}\n')
     files = sorted((REPO / "sweeps").glob("*.yaml"))
     assert {f.stem for f in files} >= {"scoring_rule", "sft_epochs", "block_length", "remasking", "lr_search"}
     modes = {}
     for f in files:
-        spec = load_sweep_spec(f, [f"output_dir={tmp_path / f.stem}", f"tracking_uri=sqlite:///{tmp_path}/m.db"])
-        from illada_lightning.sweeps.targets import check_space_keys
-
-        check_space_keys(spec)  # every key against ExperimentConfig / EvaluateConfig
+        spec = load_sweep_spec(f, [f"output_dir={tmp_path / f.stem}", f"tracking_uri={store}",
+                                   f"evaluation.data.gsm8k={gsm8k}"])
+        validate_sweep(spec)
         modes[f.stem] = (spec.mode, spec.sampler.type)
     assert modes["scoring_rule"] == ("eval_only", "grid") and modes["sft_epochs"] == ("per_epoch", "grid")
     assert modes["lr_search"] == ("train", "tpe")
 
 
-def test_space_values_and_grid():
+def test_missing_task_data_is_named_with_where_to_get_it_and_a_pointed_file_enables_the_task(tmp_path, monkeypatch,
+                                                                                             store):
+    monkeypatch.chdir(REPO)
+    common = [f"output_dir={tmp_path / 'o'}", f"tracking_uri={store}"]
+    paper = [*common, "evaluation.tasks=[cloze,piqa,arc_challenge,hellaswag]",
+             f"evaluation.data.piqa={tmp_path / 'nope' / 'valid.jsonl'}"]
+    with pytest.raises(SweepError, match=r"3 evaluation task\(s\) have no data file") as info:
+        validate_sweep(load_sweep_spec(REPO / "sweeps" / "scoring_rule.yaml", paper))
+    text = str(info.value)
+    for task in ("piqa", "arc_challenge", "hellaswag"):
+        assert f"task '{task}': data file not found" in text
+    assert str(tmp_path / "nope" / "valid.jsonl") in text and "yonatanbisk.com/piqa" in text
+    assert "cloze" not in text.split("\n", 1)[1]  # the repository's corpus is there
+    (tmp_path / "piqa.jsonl").touch()
+    (tmp_path / "arc.jsonl").touch()
+    (tmp_path / "hs.jsonl").touch()
+    validate_sweep(load_sweep_spec(REPO / "sweeps" / "scoring_rule.yaml", [
+        *common, "evaluation.tasks=[cloze,piqa,arc_challenge,hellaswag]", f"evaluation.data.piqa={tmp_path}/piqa.jsonl",
+        f"evaluation.data.arc_challenge={tmp_path}/arc.jsonl", f"evaluation.data.hellaswag={tmp_path}/hs.jsonl"]))
+
+
+def test_space_values_and_budget():
     assert param_values(ParamSpec(type="int", low=2, high=8, step=3)) == [2, 5, 8]
     assert param_values(ParamSpec(type="float", low=0.1, high=0.3, step=0.1)) == [0.1, 0.2, 0.3]
-    grid = grid_points({"a": ParamSpec(choices=[1, 2]), "b": ParamSpec(choices=["x", "y", "z"])})
-    assert len(grid) == 6 and grid[0] == {"a": 1, "b": "x"} and grid[-1] == {"a": 2, "b": "z"}
+    grid = SweepSpec(space={"a": ParamSpec(choices=[1, 2]), "b": ParamSpec(choices=["x", "y", "z"])})
+    assert budget(grid) == 6
+    grid.n_trials = 4
+    assert budget(grid) == 4
+    assert budget(SweepSpec(space=grid.space, sampler=SamplerSpec(type="tpe"), n_trials=9)) == 9
 
 
 def test_multirun_parsing():
@@ -145,7 +180,7 @@ def test_multirun_parsing():
 
 def test_launch_multirun_runs_a_grid_and_resumes(tmp_path, capsys):
     args = ["sft.epochs=1,2", "eval.scoring_rule=confidence,likelihood", f"sweep.schema={TOY}",
-            "sweep.trial_fn=illada_lightning.sweeps.fake:fake_trial", "sweep.objective.metric=eval/toy/acc",
+            "sweep.trial_fn=tests.sweep_fakes:fake_trial", "sweep.objective.metric=eval/toy/acc",
             f"sweep.evaluation.schema={TOY_EVAL}",
             f"sweep.output_dir={tmp_path / 'mr'}", f"sweep.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
     result = launch_multirun(args)
@@ -199,10 +234,10 @@ def test_pruning_callback_reports_each_validation_and_prunes_with_lightning_2():
     assert study._storage.get_trial(bad._trial_id).intermediate_values == pytest.approx({2: 6.0})
 
 
-def test_sweeps_run_cli_validates_and_reports_errors(tmp_path, capsys):
+def test_sweeps_run_cli_validates_and_reports_errors(tmp_path, capsys, store):
     from sweeps.run import main
 
-    common = [f"output_dir={tmp_path / 'o'}", f"tracking_uri=sqlite:///{tmp_path / 'm.db'}"]
+    common = [f"output_dir={tmp_path / 'o'}", f"tracking_uri={store}"]
     assert main([str(REPO / "sweeps" / "scoring_rule.yaml"), "--validate", *common]) == 0
     assert "sweep 'scoring_rule' is valid" in capsys.readouterr().out
     assert main([str(REPO / "sweeps" / "scoring_rule.yaml"), "--validate", *common,

@@ -21,11 +21,11 @@ import torch
 from illada_lightning.config import ConfigError, load_config
 
 from ..provenance import git_commit
+from ..runs import CHECKPOINT_TAG, CONFIG_FILE, PARENT_TAG, RUNS_FILE, eval_metric, store_of_run_dir
 from .config import EvalConfig
 from .runner import evaluate
 
 log = logging.getLogger(__name__)
-MLFLOW_RUNS_FILE = "mlflow_runs.json"
 
 
 @dataclass
@@ -98,7 +98,7 @@ def find_training_run(ckpt: str | Path) -> tuple[str | None, str | None]:
     `pretrain` in its path; else the most trained stage) picks the run."""
     path = Path(ckpt).resolve()
     for run_dir in [path, *path.parents][:5]:
-        runs_file = run_dir / MLFLOW_RUNS_FILE
+        runs_file = run_dir / RUNS_FILE
         if not runs_file.is_file():
             continue
         runs = json.loads(runs_file.read_text())
@@ -109,20 +109,14 @@ def find_training_run(ckpt: str | Path) -> tuple[str | None, str | None]:
 
 
 def training_store(run_dir: Path) -> str | None:
-    config_file = run_dir / "config.yaml"
+    config_file = run_dir / CONFIG_FILE
     if not config_file.is_file():
         return None
     from omegaconf import OmegaConf
 
     config = OmegaConf.load(config_file)
-    uri = OmegaConf.select(config, "mlflow.tracking_uri")
-    if uri:
-        return str(uri)
-    runs_root = Path(OmegaConf.select(config, "runs_root") or run_dir.parent)
-    for root in (runs_root.resolve(), run_dir.parent):  # relative to where training ran, or the run's parent
-        if (root / "mlflow.db").is_file():
-            return f"sqlite:///{root / 'mlflow.db'}"
-    return None
+    return store_of_run_dir(run_dir, OmegaConf.select(config, "mlflow.tracking_uri"),
+                            OmegaConf.select(config, "runs_root"))
 
 
 def log_to_mlflow(results: dict, cfg: EvaluateConfig, out: Path) -> str:
@@ -140,19 +134,19 @@ def log_to_mlflow(results: dict, cfg: EvaluateConfig, out: Path) -> str:
     uri = cfg.tracking_uri or store
     if uri:
         mlflow.set_tracking_uri(uri)
-    tags = {"illada.checkpoint": str(Path(cfg.ckpt).resolve()), "illada.eval.tasks": ",".join(cfg.tasks),
+    tags = {CHECKPOINT_TAG: str(Path(cfg.ckpt).resolve()), "illada.eval.tasks": ",".join(cfg.tasks),
             "mlflow.source.git.commit": git_commit()}
     experiment_id = None
     if training_run is not None:
         try:
             experiment_id = MlflowClient().get_run(training_run).info.experiment_id
-            tags["mlflow.parentRunId"] = training_run
+            tags[PARENT_TAG] = training_run
         except Exception:  # the store moved or was not found: keep the link as a tag
             log.warning("training run %s not found in %s; the evaluation run is linked by tag only", training_run, uri)
         tags["illada.training_run_id"] = training_run
     if experiment_id is None:
         experiment_id = mlflow.set_experiment(cfg.experiment_name).experiment_id
-    metrics = {f"eval/{task}/{name}": float(v) for task, values in results.items() for name, v in values.items()}
+    metrics = {eval_metric(task, name): float(v) for task, values in results.items() for name, v in values.items()}
     params = {k: str(v)[:6000] for k, v in flatten(asdict(cfg)).items()}
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"eval-{Path(cfg.ckpt).name}", tags=tags) as run:
         mlflow.log_params(params)

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 
 from mlflow import MlflowClient
 
-PARENT_TAG = "mlflow.parentRunId"
-COMMIT_TAGS = ("git_commit", "mlflow.source.git.commit")
+from ..runs import COMMIT_TAGS, PARENT_TAG, ROLE_TAG, SWEEP_NAME_TAG, SWEEP_STUDY_TAG, TRIAL_NUMBER_TAG
+
 REPORT_TAG = "report.role"  # runs a report created to hold its artifact: never part of a scope
 
 
@@ -35,7 +35,7 @@ class RunRecord:
 
     @property
     def role(self) -> str:
-        return self.tags.get("sweep.role", "")
+        return self.tags.get(ROLE_TAG, "")
 
     @property
     def commit(self) -> str:
@@ -43,7 +43,7 @@ class RunRecord:
 
     @property
     def trial_number(self) -> int | None:
-        value = self.tags.get("sweep.trial_number")
+        value = self.tags.get(TRIAL_NUMBER_TAG)
         return int(value) if value is not None else None
 
     def sort_key(self) -> tuple:
@@ -101,14 +101,14 @@ def sweep_scope(client: MlflowClient, sweep: str) -> tuple[list[RunRecord], list
     """(parent runs of sweep `sweep`, every run in their trees)."""
     found = client.search_runs(
         [e.experiment_id for e in client.search_experiments()],
-        filter_string=f"tags.`sweep.name` = '{sweep}' and tags.`sweep.role` = 'parent'",
+        filter_string=f"tags.`{SWEEP_NAME_TAG}` = '{sweep}' and tags.`{ROLE_TAG}` = 'parent'",
         max_results=1000,
     )
     if not found:
         raise ReportError(f"no sweep named {sweep!r} in this MLflow store (no run tagged sweep.name={sweep!r})")
     exp_ids = sorted({r.info.experiment_id for r in found})
     runs = fetch_runs(client, exp_ids)
-    parents = sorted((_record(r) for r in found), key=lambda r: (r.tags.get("sweep.study", ""), r.run_id))
+    parents = sorted((_record(r) for r in found), key=lambda r: (r.tags.get(SWEEP_STUDY_TAG, ""), r.run_id))
     return parents, descendants(runs, [p.run_id for p in parents])
 
 

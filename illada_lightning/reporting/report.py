@@ -14,6 +14,7 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
+from ..runs import STAGE_TAG, SWEEP_ERROR_TAG, SWEEP_PARAM_PREFIX, TRAIN_LOSS
 from .collect import (
     REPORT_TAG,
     ReportError,
@@ -37,7 +38,7 @@ from .tables import (
     primary_metrics,
 )
 
-LOSS_KEYS = ("train/loss", "train/loss_step", "train_loss")
+LOSS_KEYS = (TRAIN_LOSS, "train/loss_step", "train_loss")
 MAX_LOSS_CURVES = 12
 REPORT_FILE = "report.md"
 
@@ -66,8 +67,8 @@ def swept_keys(parent: RunRecord, trials: list[RunRecord]) -> list[str]:
     keys = []
     for t in trials:
         for tag in t.tags:
-            if tag.startswith("sweep.param.") and tag[len("sweep.param."):] not in keys:
-                keys.append(tag[len("sweep.param."):])
+            if tag.startswith(SWEEP_PARAM_PREFIX) and tag[len(SWEEP_PARAM_PREFIX):] not in keys:
+                keys.append(tag[len(SWEEP_PARAM_PREFIX):])
     return keys
 
 
@@ -118,7 +119,7 @@ def sweep_section(parent: RunRecord, tree: list[RunRecord], cited: dict[str, Run
         lines += ["### Failed trials", "", "| trial | parameters | error |", "|---|---|---|"]
         for t in failed:
             params = ", ".join(f"{k}={t.params.get(k)}" for k in keys)
-            error = t.tags.get("sweep.error", "").splitlines()[0] if t.tags.get("sweep.error") else ""
+            error = t.tags.get(SWEEP_ERROR_TAG, "").splitlines()[0] if t.tags.get(SWEEP_ERROR_TAG) else ""
             lines.append(f"| {t.trial_number} | {params} | {error.replace('|', '/')} |")
             cited[t.run_id] = t
         lines.append("")
@@ -234,7 +235,7 @@ def cited_section(cited: dict[str, RunRecord]) -> list[str]:
     runs = sorted(cited.values(), key=RunRecord.sort_key)
     lines = ["## Runs cited", "", "| run id | name | role | status | commit |", "|---|---|---|---|---|"]
     for r in runs:
-        lines.append(f"| `{r.run_id}` | {r.name} | {r.role or r.tags.get('illada.stage', '')} | {r.status} | "
+        lines.append(f"| `{r.run_id}` | {r.name} | {r.role or r.tags.get(STAGE_TAG, '')} | {r.status} | "
                      f"`{r.commit[:12]}` |")
     lines += ["", "### Configurations (MLflow params of every cited run)", ""]
     for r in runs:

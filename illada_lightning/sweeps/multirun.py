@@ -17,9 +17,10 @@ from typing import Any
 
 import yaml
 
-from ..config import load_config, to_yaml
+from ..config import ConfigError, load_config, to_yaml
 from .runner import SweepResult, run_sweep
 from .spec import ParamSpec, SweepSpec
+from .validate import SweepError
 
 
 def split_top_level(value: str, sep: str = ",") -> list[str]:
@@ -110,9 +111,6 @@ def launch_multirun(argv_overrides: list[str]) -> SweepResult:
 def multirun_main(argv: list[str]) -> int:
     """`experiments.run --multirun ...`: run the grid, print the outcome; exit code 2 on bad input, 1 when
     trials are still pending (interrupted), else 0."""
-    from ..config import ConfigError
-    from .validate import SweepError
-
     try:
         result = launch_multirun(argv)
     except (ConfigError, SweepError, ValueError) as exc:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 from typing import Any
 
@@ -22,12 +21,6 @@ def param_values(param: ParamSpec) -> list[Any]:
         return [float(param.low), float(param.high)]
     n = int(round((param.high - param.low) / param.step))
     return [round(param.low + i * param.step, 12) for i in range(n + 1) if param.low + i * param.step <= param.high + 1e-12]
-
-
-def grid_points(space: dict[str, ParamSpec]) -> list[dict[str, Any]]:
-    """Cartesian product of every dimension, in YAML order (the first key varies slowest)."""
-    keys = list(space)
-    return [dict(zip(keys, combo)) for combo in itertools.product(*(param_values(space[k]) for k in keys))]
 
 
 def suggest(trial: optuna.Trial, space: dict[str, ParamSpec]) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from ..config import ConfigError, load_config
+from ..runs import DEFAULT_RUNS_ROOT, OPTUNA_FILE, SWEEPS_DIR, default_tracking_uri
 
 PARAM_TYPES = ("categorical", "int", "float", "logfloat")
 SAMPLERS = ("grid", "tpe", "random", "qmc")
@@ -105,11 +106,20 @@ class ObjectiveSpec:
 
 @dataclass
 class EvaluationSpec:
-    """The evaluation config used by `eval_only` / `per_epoch` trials (`experiments.evaluate`'s EvalConfig)."""
+    """The evaluation config used by `eval_only` / `per_epoch` trials (`experiments.evaluate`'s EvalConfig).
+
+    `tasks` and `data` are its `tasks` and `data.<task>` keys, spelled out so that a command line enables a
+    paper task by pointing at its file: `evaluation.tasks=[cloze,piqa] evaluation.data.piqa=PATH`."""
 
     config: str | None = None
     overrides: list[str] = field(default_factory=list)
     schema: str = DEFAULT_EVAL_SCHEMA
+    tasks: list[str] | None = None  # None: the evaluation config's own
+    data: dict[str, str] = field(default_factory=dict)  # task -> data file
+
+    def task_overrides(self) -> list[str]:
+        tasks = [f"tasks=[{','.join(self.tasks)}]"] if self.tasks is not None else []
+        return [*tasks, *(f"data.{task}={path}" for task, path in sorted(self.data.items()))]
 
 
 @dataclass
@@ -133,7 +143,8 @@ class SweepSpec:
     tracking_uri: str | None = None  # MLflow; default sqlite:///<runs root>/mlflow.db
     mlflow_experiment: str | None = None  # default: name
     trial_fn: str | None = None  # "module:function" replacing the built-in trial of `mode` (tests, custom work)
-    heartbeat_s: int = 10  # a RUNNING trial without a heartbeat for 2x this long is stale (its worker died)
+    heartbeat_s: int = 10  # Optuna's heartbeat; a RUNNING trial silent for 3x this long is dead (FAIL, retried)
+    max_retry: int | None = 3  # reruns of a dead worker's trial (Optuna's RetryHeartbeatStaleTrialCallback)
 
     def validate(self) -> None:
         if not self.name or "/" in self.name:
@@ -163,6 +174,8 @@ class SweepSpec:
             raise ValueError(f"n_workers must be >= 1 (got {self.n_workers})")
         if self.heartbeat_s < 1:
             raise ValueError(f"heartbeat_s must be >= 1 (got {self.heartbeat_s})")
+        if self.max_retry is not None and self.max_retry < 0:
+            raise ValueError(f"max_retry must be >= 0 or null (got {self.max_retry})")
         if self.mode == "per_epoch":
             if len(self.space) != 1:
                 raise ValueError("mode per_epoch sweeps exactly one key: the number of SFT epochs")
@@ -173,11 +186,11 @@ class SweepSpec:
     # Derived locations -------------------------------------------------------------------------------
     @property
     def resolved_output_dir(self) -> Path:
-        return Path(self.output_dir) if self.output_dir else Path("runs") / "sweeps" / self.name
+        return Path(self.output_dir) if self.output_dir else Path(DEFAULT_RUNS_ROOT) / SWEEPS_DIR / self.name
 
     @property
     def resolved_storage(self) -> str:
-        return self.storage or f"sqlite:///{(self.resolved_output_dir / 'optuna.db').resolve()}"
+        return self.storage or f"sqlite:///{(self.resolved_output_dir / OPTUNA_FILE).resolve()}"
 
     @property
     def resolved_study_name(self) -> str:
@@ -190,7 +203,7 @@ class SweepSpec:
     @property
     def resolved_tracking_uri(self) -> str:
         # The training runs' default store (`sqlite:///<runs root>/mlflow.db`), so sweeps and plain runs meet.
-        return self.tracking_uri or f"sqlite:///{Path('runs/mlflow.db').resolve()}"
+        return self.tracking_uri or default_tracking_uri(DEFAULT_RUNS_ROOT)
 
 
 def load_sweep_spec(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> SweepSpec:

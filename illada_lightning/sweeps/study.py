@@ -1,244 +1,169 @@
-"""The study in its database: open it, queue the grid, re-queue dead or failed trials, claim trials.
+"""The Optuna side of a sweep, on Optuna's own machinery: an RDB storage with its heartbeat, its samplers and
+pruners, and `RetryHeartbeatStaleTrialCallback` for trials whose worker died.
 
-Why grid trials are *enqueued* instead of sampled: Optuna's GridSampler picks grid points independently in
-every worker and may run one point twice under parallel workers. Here the launcher writes every missing grid
-point into the study as a WAITING trial (under a file lock, so two launchers cannot both do it), and workers
-claim them; claiming is one atomic state change WAITING→RUNNING in the database, so no point runs twice. The
-same queue makes a relaunch resume: COMPLETE/PRUNED points are skipped, FAIL points and points whose worker
-died (RUNNING without heartbeat) are queued again.
+- Storage: `sqlite:///<output_dir>/optuna.db` by default, any SQLAlchemy URL by option. Every worker beats for
+  its running trial (Optuna's heartbeat thread); a RUNNING trial without a beat for `3 * heartbeat_s` is marked
+  FAIL by `optuna.storages.fail_stale_trials`, its MLflow runs are closed KILLED, and Optuna's retry callback
+  queues its parameters again (WAITING), so a relaunch or a live worker reruns it.
+- Grid: Optuna's `GridSampler` gives grid point k to trial k (a retry keeps its point), so no point runs twice.
+- Two fixes Optuna leaves to its user: (1) pysqlite opens a transaction only at the first write, so two workers
+  could both read one WAITING trial and both claim it (then both "finish" it); SQLite transactions here begin
+  IMMEDIATE, which makes Optuna's read-check-write of a trial state atomic. (2) Creating a store is not safe
+  from two processes at once (MLflow: `duplicate column name`), and "is there work left? then ask()" is two
+  steps: both run under one file lock beside the study, held only for that moment.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import json
-import time
 import warnings
-from typing import Any
+from pathlib import Path
 
 import optuna
-from optuna.exceptions import StorageInternalError, UpdateFinishedTrialError
-from optuna.storages._heartbeat import is_heartbeat_enabled
-from optuna.trial import TrialState
+import sqlalchemy
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.trial import FrozenTrial, TrialState
 
-from ..config import flatten
-from .context import SetupContext, TrialFn
-from .space import grid_points, params_key
+from ..runs import sqlite_path
+from .space import param_values, params_key
 from .spec import SweepSpec
-from .storage import open_storage, preparation_lock
-from .tracking import (
-    client_for,
-    create_child_run,
-    create_parent_run,
-    ensure_experiment,
-    error_text,
-    log_params,
-    run_exists,
-    set_tags,
-)
-from .validate import SweepError
+from .tracking import close_runs_of_trial
 
+SQLITE_BUSY_TIMEOUT_S = 120  # a worker waits this long for another one's write before giving up
+GRACE_HEARTBEATS = 3  # missed beats before a RUNNING trial counts as dead (margin for a loaded machine)
 LIVE_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
-ATTR_PARENT = "mlflow_parent_run_id"
-ATTR_EXPERIMENT = "mlflow_experiment_id"
-ATTR_SPACE = "sweep_space"
-ATTR_SETUP = "sweep_setup"
+RETRY_OF = "failed_trial"  # system attr RetryHeartbeatStaleTrialCallback writes on a retried trial
+
+
+class StorageError(RuntimeError):
+    """The Optuna storage URL cannot be opened."""
+
+
+def lock_path(url: str, fallback_dir: Path) -> Path:
+    """`<db>.lock` beside a SQLite file, else `<fallback_dir>/optuna.lock` (a server database)."""
+    path = sqlite_path(url)
+    return path.with_name(path.name + ".lock") if path is not None else fallback_dir / "optuna.lock"
+
+
+def _begin_immediate(conn) -> None:
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+class _CloseAndRetry:
+    """Heartbeat-stale callback: close the dead trial's MLflow runs KILLED, then Optuna's retry."""
+
+    def __init__(self, spec: SweepSpec):
+        self.spec = spec
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # experimental class
+            self.retry = RetryHeartbeatStaleTrialCallback(max_retry=spec.max_retry)
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        grace = GRACE_HEARTBEATS * self.spec.heartbeat_s
+        close_runs_of_trial(self.spec, trial, f"worker died: no heartbeat for {grace} s")
+        self.retry(study, trial)
+
+
+def open_storage(url: str, spec: SweepSpec | None = None) -> RDBStorage:
+    """Open (and create) the study database, or raise StorageError saying why it cannot be opened."""
+    engine_kwargs = {}
+    path = sqlite_path(url)
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot open Optuna storage {url!r}: cannot create {path.parent} ({exc})") from None
+        # autocommit driver + explicit BEGIN IMMEDIATE (SQLAlchemy's pysqlite recipe), see the module doc
+        engine_kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_S, "isolation_level": None}
+    beat = spec.heartbeat_s if spec is not None else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # heartbeat arguments are flagged experimental
+        try:
+            storage = RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=beat,
+                                 grace_period=GRACE_HEARTBEATS * beat if beat else None,
+                                 heartbeat_stale_trial_callback=_CloseAndRetry(spec) if spec is not None else None)
+        except Exception as exc:  # bad dialect, unreachable server, unwritable file, ...
+            raise StorageError(f"cannot open Optuna storage {url!r}: {type(exc).__name__}: {exc}") from None
+    if path is not None:
+        sqlalchemy.event.listen(storage.engine, "begin", _begin_immediate)
+    return storage
 
 
 def make_sampler(spec: SweepSpec, worker_index: int = 0) -> optuna.samplers.BaseSampler:
     # Every worker gets its own seed: equal seeds would make parallel TPE workers propose identical points.
     seed = spec.sampler.seed + worker_index
     kind = spec.sampler.type
+    if kind == "grid":  # the seed shuffles grid order: every worker needs the same one (trial k -> point k)
+        return optuna.samplers.GridSampler({k: param_values(p) for k, p in spec.space.items()},
+                                           seed=spec.sampler.seed)
     if kind == "tpe":
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=spec.sampler.n_startup_trials)
     if kind == "qmc":
         return optuna.samplers.QMCSampler(seed=seed)
-    # grid: every trial is enqueued with fixed parameters, the sampler is never consulted
     return optuna.samplers.RandomSampler(seed=seed)
 
 
 def make_pruner(spec: SweepSpec) -> optuna.pruners.BasePruner:
     if spec.pruner.type == "median":
-        return optuna.pruners.MedianPruner(
-            n_startup_trials=spec.pruner.n_startup_trials, n_warmup_steps=spec.pruner.n_warmup_steps
-        )
+        return optuna.pruners.MedianPruner(n_startup_trials=spec.pruner.n_startup_trials,
+                                           n_warmup_steps=spec.pruner.n_warmup_steps)
     return optuna.pruners.NopPruner()
 
 
-def fail_stale_trials(study: optuna.Study) -> None:
-    """Mark RUNNING trials without a recent heartbeat FAIL (their worker died); `requeue_stale` reruns them.
-
-    Optuna never calls a RUNNING trial stale when it has *no* heartbeat row (its worker died between claiming
-    it and the first beat); such a trial older than the grace period gets a beat on its behalf here, so it goes
-    stale one grace period later instead of blocking the sweep forever.
-    """
-    storage = study._storage
-    interval = storage.get_heartbeat_interval() if hasattr(storage, "get_heartbeat_interval") else None
-    if interval:
-        now = datetime.datetime.now()
-        beaten = set(_trial_ids_with_heartbeat(storage))
-        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            old = t.datetime_start is not None and (now - t.datetime_start).total_seconds() > 2 * interval
-            if old and t._trial_id not in beaten:
-                storage.record_heartbeat(t._trial_id)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Optuna flags the heartbeat API experimental
-        optuna.storages.fail_stale_trials(study)
-
-
-def _trial_ids_with_heartbeat(storage: Any) -> list[int]:
-    from optuna.storages._rdb import models
-
-    backend = getattr(storage, "_backend", storage)
-    with backend.scoped_session() as session:
-        return [row.trial_id for row in session.query(models.TrialHeartbeatModel.trial_id).all()]
-
-
-def requeue_stale(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-    """Heartbeat-stale callback: the trial's worker died; run its parameters again (only the process that
-    marked it FAIL calls this, so it is queued once)."""
-    if trial.params and not _is_covered(study, trial.params):
-        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
-
-
-def open_study(spec: SweepSpec, worker_index: int = 0) -> tuple[optuna.Study, Any]:
-    storage = open_storage(spec.resolved_storage, spec.heartbeat_s, on_stale=requeue_stale)
-    study = optuna.create_study(
-        study_name=spec.resolved_study_name,
-        storage=storage,
-        direction=spec.objective.direction,
-        sampler=make_sampler(spec, worker_index),
-        pruner=make_pruner(spec),
+def open_study(spec: SweepSpec, worker_index: int = 0) -> optuna.Study:
+    return optuna.create_study(
+        study_name=spec.resolved_study_name, storage=open_storage(spec.resolved_storage, spec),
+        direction=spec.objective.direction, sampler=make_sampler(spec, worker_index), pruner=make_pruner(spec),
         load_if_exists=True,
     )
-    return study, storage
 
 
-def _space_signature(spec: SweepSpec) -> str:
+def space_signature(spec: SweepSpec) -> str:
     return json.dumps({k: dataclasses.asdict(v) for k, v in spec.space.items()}, sort_keys=True)
 
 
-def _covered_keys(study: optuna.Study) -> set[str]:
-    """Parameter sets that need no (new) run: done, running or already queued."""
-    keys = set()
-    for t in study.get_trials(deepcopy=False, states=LIVE_STATES):
-        params = t.system_attrs.get("fixed_params", t.params)
-        keys.add(params_key(params))
-    return keys
-
-
-def _is_covered(study: optuna.Study, params: dict) -> bool:
-    return params_key(params) in _covered_keys(study)
-
-
-def _queue_missing(study: optuna.Study, spec: SweepSpec) -> int:
-    """Enqueue the grid points (or failed parameter sets) that have no live trial. Returns how many."""
-    covered = _covered_keys(study)
-    todo: list[tuple[dict, dict]] = []
+def budget(spec: SweepSpec) -> int:
+    """Trials to start fresh (retries come on top): the grid's size, or `n_trials`."""
     if spec.sampler.type == "grid":
-        points = grid_points(spec.space)[: spec.n_trials]
-        todo = [(p, {}) for p in points if params_key(p) not in covered]
-    else:
-        for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
-            if t.params and params_key(t.params) not in covered:
-                todo.append((t.params, {"retry_of": t.number}))
-                covered.add(params_key(t.params))
-    for params, attrs in todo:
-        study.enqueue_trial(params, user_attrs=attrs)
-    return len(todo)
+        size = 1
+        for param in spec.space.values():
+            size *= len(param_values(param))
+        return min(size, spec.n_trials or size)
+    return spec.n_trials or 1
 
 
-def _ensure_parent_run(study: optuna.Study, spec: SweepSpec) -> tuple[str, str]:
-    client = client_for(spec.resolved_tracking_uri)
-    experiment_id = ensure_experiment(client, spec.resolved_mlflow_experiment, spec.resolved_tracking_uri)
-    parent = study.user_attrs.get(ATTR_PARENT)
-    if not run_exists(client, parent):
-        parent = create_parent_run(
-            client, experiment_id, spec.name, spec.resolved_study_name,
-            {"sweep.mode": spec.mode, "sweep.space": json.dumps(list(spec.space)),
-             "sweep.objective": spec.objective.metric, "sweep.direction": spec.objective.direction,
-             "sweep.sampler": spec.sampler.type, "sweep.storage": spec.resolved_storage},
-        )
-        log_params(client, parent, {f"sweep.{k}": v for k, v in flatten(dataclasses.asdict(spec)).items()})
-        study.set_user_attr(ATTR_PARENT, parent)
-        study.set_user_attr(ATTR_EXPERIMENT, experiment_id)
-    else:
-        client.update_run(parent, status="RUNNING")
-    return parent, experiment_id
+def fail_dead_trials(study: optuna.Study) -> None:
+    """Optuna's `fail_stale_trials`: RUNNING trials without a recent heartbeat become FAIL (and are retried)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # flagged experimental
+        optuna.storages.fail_stale_trials(study)
 
 
-def _run_setup(study: optuna.Study, spec: SweepSpec, trial_fn: TrialFn, parent: str, experiment_id: str) -> None:
-    """eval_only / per_epoch: train (or locate) the one checkpoint every trial reuses, once per study."""
-    setup_fn = getattr(trial_fn, "setup", None)
-    if setup_fn is None or ATTR_SETUP in study.user_attrs:
-        return
-    client = client_for(spec.resolved_tracking_uri)
-    run_id = create_child_run(client, experiment_id, parent, f"{spec.name}-base", "base",
-                              {"sweep.name": spec.name, "sweep.study": spec.resolved_study_name})
-    out_dir = spec.resolved_output_dir / "base"
-    ctx = SetupContext(spec, run_id, parent, experiment_id, spec.resolved_tracking_uri, client, out_dir)
-    try:
-        result = setup_fn(ctx)
-    except Exception as exc:
-        set_tags(client, run_id, {"sweep.error": error_text(exc)})
-        client.set_terminated(run_id, status="FAILED")
-        client.set_terminated(parent, status="FAILED")  # a relaunch retries the setup and reopens the parent
-        raise SweepError(f"the sweep's setup (training the shared checkpoint) failed: {exc}") from exc
-    client.set_terminated(run_id, status="FINISHED")
-    study.set_user_attr(ATTR_SETUP, json.loads(json.dumps(result or {}, default=str)))
+def not_started(trials: list[FrozenTrial], spec: SweepSpec) -> int:
+    """Budget left: fresh trials still to start (a retry of a failed trial does not count)."""
+    return max(0, budget(spec) - sum(RETRY_OF not in t.system_attrs for t in trials))
 
 
-def prepare_study(spec: SweepSpec, trial_fn: TrialFn) -> str:
-    """Create or load the study, its MLflow parent run and its queue. Returns the parent run id."""
-    with preparation_lock(spec.resolved_storage, spec.resolved_output_dir):
-        study, _ = open_study(spec)
-        if study.direction.name.lower() != spec.objective.direction:
-            raise SweepError(
-                f"study {spec.resolved_study_name!r} in {spec.resolved_storage} exists with direction "
-                f"{study.direction.name.lower()}; use another study_name for direction {spec.objective.direction}"
-            )
-        signature = _space_signature(spec)
-        stored = study.user_attrs.get(ATTR_SPACE)
-        if stored is not None and stored != signature:
-            raise SweepError(
-                f"study {spec.resolved_study_name!r} in {spec.resolved_storage} was created with another search "
-                f"space ({stored}); use another study_name (or the original space) to resume"
-            )
-        study.set_user_attr(ATTR_SPACE, signature)
-        parent, experiment_id = _ensure_parent_run(study, spec)
-        fail_stale_trials(study)
-        _queue_missing(study, spec)
-        _run_setup(study, spec, trial_fn, parent, experiment_id)
-    return parent
+def pending_work(study: optuna.Study, spec: SweepSpec) -> str:
+    """"run" (a queued retry or budget left), "wait" (only other workers' trials are running) or "done"."""
+    trials = study.get_trials(deepcopy=False)
+    if any(t.state == TrialState.WAITING for t in trials):
+        return "run"
+    if not_started(trials, spec) > 0:
+        return "run"
+    return "wait" if any(t.state == TrialState.RUNNING for t in trials) else "done"
 
 
-def pop_waiting(study: optuna.Study) -> int | None:
-    """Atomically claim one WAITING trial (retrying when another SQLite writer holds the lock)."""
-    for attempt in range(20):
-        try:
-            for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-                try:
-                    if study._storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
-                        if is_heartbeat_enabled(study._storage):  # at once: a worker may die before Heartbeat
-                            study._storage.record_heartbeat(t._trial_id)
-                        return t._trial_id
-                except UpdateFinishedTrialError:
-                    continue
-            return None
-        except StorageInternalError:  # "database is locked" between two claimers: try again
-            time.sleep(0.05 * (attempt + 1))
-    return None
-
-
-def budget_left(study: optuna.Study, spec: SweepSpec) -> int:
-    """Non-grid samplers: trials still to create (failed parameter sets count once, retried or not)."""
-    if spec.sampler.type == "grid" or spec.n_trials is None:
-        return 0
-    covered = _covered_keys(study)
-    live = len(study.get_trials(deepcopy=False, states=LIVE_STATES))
-    uncovered_failures = {
-        params_key(t.params) for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
-        if params_key(t.params) not in covered
-    }
-    return spec.n_trials - live - len(uncovered_failures)
+def requeue_failed(study: optuna.Study, spec: SweepSpec) -> int:
+    """On relaunch: queue once more every failed parameter set that no live trial covers (Optuna's retry
+    callback, as for a dead worker's trial). Returns how many."""
+    covered = {params_key(t.params) for t in study.get_trials(deepcopy=False, states=LIVE_STATES)}
+    retry = _CloseAndRetry(spec).retry
+    queued = 0
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        if trial.params and params_key(trial.params) not in covered:
+            retry(study, trial)
+            covered.add(params_key(trial.params))
+            queued += 1
+    return queued

@@ -12,6 +12,7 @@ Every key is validated by loading its config with the key set (`load_config`), s
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,10 +40,19 @@ class Target:
         return load_config(self.schema, self.yaml_path, [*self.overrides, *extra])
 
 
-def _import(ref: str) -> Any:
-    from .validate import import_object
-
-    return import_object(ref)
+def import_object(ref: str) -> Any:
+    """`"package.module:attr"` → the object (raises TargetError saying what is missing)."""
+    if ":" not in ref:
+        raise TargetError(f"{ref!r} is not of the form 'package.module:name'")
+    module_name, attr = ref.split(":", 1)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise TargetError(f"cannot import {module_name!r} (for {ref!r}): {exc}") from None
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise TargetError(f"module {module_name!r} has no attribute {attr!r}") from None
 
 
 def has_field(schema: type, name: str) -> bool:
@@ -60,7 +70,7 @@ def experiment_yaml(spec: SweepSpec) -> str | None:
 
 def experiment_eval_fields(spec: SweepSpec) -> set[str]:
     """Field names of the experiment config's `eval` group (empty when it has none)."""
-    schema = _import(spec.schema)
+    schema = import_object(spec.schema)
     if not has_field(schema, "eval"):
         return set()
     group = next(f for f in dataclasses.fields(schema) if f.name == "eval")
@@ -96,12 +106,12 @@ def _split_base(spec: SweepSpec) -> tuple[list[str], list[str]]:
 
 
 def experiment_target(spec: SweepSpec) -> Target:
-    return Target(_import(spec.schema), experiment_yaml(spec), _split_base(spec)[0])
+    return Target(import_object(spec.schema), experiment_yaml(spec), _split_base(spec)[0])
 
 
 def eval_target(spec: SweepSpec, checkpoint: str | None = None) -> Target:
-    schema = _import(spec.evaluation.schema)
-    overrides = [*_split_base(spec)[1], *spec.evaluation.overrides]
+    schema = import_object(spec.evaluation.schema)
+    overrides = [*_split_base(spec)[1], *spec.evaluation.overrides, *spec.evaluation.task_overrides()]
     ckpt = checkpoint or spec.checkpoint
     if has_field(schema, "ckpt") and not any(o.startswith("ckpt=") for o in overrides):
         overrides.append(f"ckpt={ckpt or CKPT_PLACEHOLDER}")

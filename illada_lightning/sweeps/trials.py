@@ -21,8 +21,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import optuna
+
 from ..config import flatten, to_dict
+from ..runs import CHECKPOINT_TAG, RUNS_FILE
 from .context import SetupContext, TrialContext
+from .space import param_values
 from .spec import SweepSpec
 from .targets import (
     EVAL_PREFIX,
@@ -32,10 +36,9 @@ from .targets import (
     split_overrides,
     uses_evaluation,
 )
-from .tracking import log_params, nest_under, set_tags
+from .tracking import close_running, log_params, nest_under, set_tags, stage_runs
 
 log = logging.getLogger(__name__)
-RUNS_FILE = "mlflow_runs.json"  # training/tracking.py keeps the experiment's run ids here
 
 
 # Training -------------------------------------------------------------------------------------------------------
@@ -58,7 +61,8 @@ def _train(cfg, run_dir: Path, run_id: str, client, extra_callbacks=()) -> dict:
     try:
         result = run_experiment(cfg, extra_callbacks=list(extra_callbacks), preview=False)
     except BaseException as exc:
-        _close_stage_runs(client, runs_file, run_id, "KILLED" if _is_pruned(exc) else "FAILED")
+        stages = [r for r in stage_runs(run_dir) if r != run_id]
+        close_running(client, stages, "KILLED" if not isinstance(exc, Exception) or _is_pruned(exc) else "FAILED")
         raise
     # Whatever the tracker decided, its runs end up below the trial run.
     runs = result.get("mlflow_runs", {})
@@ -68,21 +72,7 @@ def _train(cfg, run_dir: Path, run_id: str, client, extra_callbacks=()) -> dict:
 
 
 def _is_pruned(exc: BaseException) -> bool:
-    import optuna
-
     return isinstance(exc, optuna.TrialPruned)
-
-
-def _close_stage_runs(client, runs_file: Path, trial_run_id: str, status: str) -> None:
-    if not runs_file.is_file():
-        return
-    for key, run_id in json.loads(runs_file.read_text()).items():
-        if key != "parent" and run_id != trial_run_id:
-            try:
-                if client.get_run(run_id).info.status == "RUNNING":
-                    client.set_terminated(run_id, status)
-            except Exception:  # a run that never got created
-                pass
 
 
 def training_metrics(result: dict) -> dict[str, float]:
@@ -113,7 +103,7 @@ def _evaluate(spec: SweepSpec, checkpoint: str, eval_overrides: list[str], out_d
 
     cfg = eval_target(spec, checkpoint).load([*eval_overrides, f"out={out_dir / 'eval'}", "mlflow=false"])
     log_params(client, run_id, {f"eval.{k}": v for k, v in flatten(dataclasses.asdict(cfg)).items()})
-    set_tags(client, run_id, {"illada.checkpoint": str(Path(checkpoint).resolve())})
+    set_tags(client, run_id, {CHECKPOINT_TAG: str(Path(checkpoint).resolve())})
     results = run_evaluation(cfg)
     return {f"eval/{task}/{name}": float(v) for task, values in results.items() for name, v in values.items()
             if isinstance(v, (int, float))}
@@ -133,8 +123,6 @@ def training_key(cfg) -> str:
 def _reusable_training(ctx: TrialContext, train_key: str) -> dict | None:
     """A finished trial of this study that trained exactly the same experiment config (it differed only in
     evaluation settings): its checkpoint and training metrics, so this trial only evaluates."""
-    import optuna
-
     for t in ctx.trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         info = t.user_attrs.get("training")
         if info and info.get("key") == train_key and Path(info["checkpoint"]).exists():
@@ -155,7 +143,7 @@ def train_trial(ctx: TrialContext) -> dict[str, float]:
     reused = _reusable_training(ctx, train_key) if ctx.spec.pruner.type == "none" else None
     if reused is not None:
         set_tags(ctx.client, ctx.run_id, {"sweep.reused_training_of_trial": reused["trial"],
-                                          "illada.checkpoint": reused["checkpoint"]})
+                                          CHECKPOINT_TAG: reused["checkpoint"]})
         log_params(ctx.client, ctx.run_id, flatten(to_dict(cfg)))
         metrics, checkpoint = dict(reused["metrics"]), reused["checkpoint"]
     else:
@@ -174,7 +162,7 @@ def setup_shared_checkpoint(ctx: SetupContext) -> dict[str, Any]:
     if ctx.spec.checkpoint:
         if not Path(ctx.spec.checkpoint).exists():
             raise FileNotFoundError(f"checkpoint {ctx.spec.checkpoint} does not exist")
-        set_tags(ctx.client, ctx.run_id, {"illada.checkpoint": ctx.spec.checkpoint})
+        set_tags(ctx.client, ctx.run_id, {CHECKPOINT_TAG: ctx.spec.checkpoint})
         return {"checkpoint": str(Path(ctx.spec.checkpoint).resolve())}
     cfg = _experiment_config(ctx.spec, [], ctx.output_dir, f"{ctx.spec.name}-base", ctx.tracking_uri)
     result = _train(cfg, ctx.output_dir, ctx.run_id, ctx.client)
@@ -195,8 +183,6 @@ def setup_per_epoch(ctx: SetupContext) -> dict[str, Any]:
     callback (`eval/<task>/<metric>` at step = epoch in the SFT stage run), instead of N training runs."""
     from ..evaluation.callback import PerEpochEvaluation
     from ..evaluation.config import EvalConfig
-    from .space import param_values
-
     (key, param), = ctx.spec.space.items()
     epochs = max(int(v) for v in param_values(param))
     full = eval_target(ctx.spec).load()  # validated evaluation settings
@@ -204,7 +190,8 @@ def setup_per_epoch(ctx: SetupContext) -> dict[str, Any]:
     if fields:
         # The experiment attaches the callback to SFT itself (`eval.per_epoch=true`); hand it our settings
         # (those its `eval` group has: `device`, `ckpt`, ... belong to the evaluation CLI only).
-        extra = [f"{EVAL_PREFIX}{o}" for o in ctx.spec.evaluation.overrides if o.split("=", 1)[0] in fields]
+        extra = [f"{EVAL_PREFIX}{o}" for o in [*ctx.spec.evaluation.overrides, *ctx.spec.evaluation.task_overrides()]
+                 if o.split("=", 1)[0].split(".", 1)[0] in fields]
         extra.append("eval.per_epoch=true")
         callbacks = []
     else:

@@ -23,6 +23,7 @@ import torch
 import yaml
 
 from ..config import ConfigError, flatten, to_dict, to_yaml
+from ..runs import CONFIG_FILE
 from .checkpoint import atomic_write, load_checkpoint
 from .config import ExperimentConfig
 from .interrupt import GracefulStop, TrainingInterrupted
@@ -52,15 +53,15 @@ def warn_config_drift(cfg: ExperimentConfig, saved: Path) -> list[str]:
 
 def start_tracking(cfg: ExperimentConfig, run_dir: Path) -> Tracker | None:
     """Rank 0: save the resolved config and open (or reopen, on resume) the MLflow parent run."""
-    warn_config_drift(cfg, run_dir / "config.yaml")
+    warn_config_drift(cfg, run_dir / CONFIG_FILE)
     text = to_yaml(cfg)
-    atomic_write(run_dir / "config.yaml", lambda f: f.write(text.encode()))
+    atomic_write(run_dir / CONFIG_FILE, lambda f: f.write(text.encode()))
     if not cfg.mlflow.enabled:
         return None
     try:
         tracker = Tracker(cfg, run_dir)
         tracker.parent_run_id()
-        tracker.client.log_artifact(tracker.runs["parent"], str(run_dir / "config.yaml"))
+        tracker.client.log_artifact(tracker.runs["parent"], str(run_dir / CONFIG_FILE))
     except Exception as exc:  # MLflow's errors run to pages: one line naming the store
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"MLflow store {tracking_uri(cfg.mlflow, cfg.runs_root)}: {first}") from exc

@@ -18,6 +18,7 @@ from lightning.pytorch.trainer.states import TrainerStatus
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from ..config import flatten, to_dict
+from ..runs import VAL_LOSS
 from .callbacks import LossPlateauLRSwitch, NonFiniteLossError, NonFiniteLossGuard, ThroughputMonitor
 from .checkpoint import (
     FINISHED_FILE,
@@ -52,7 +53,7 @@ def _has_val(datamodule) -> bool:
 
 
 def _val_loss(results: list[dict]) -> float | None:
-    return float(results[0]["val/loss"]) if results and "val/loss" in results[0] else None
+    return float(results[0][VAL_LOSS]) if results and VAL_LOSS in results[0] else None
 
 
 def loss_summary(first: list[tuple[int, float]], recent: list[tuple[int, float]]) -> dict[str, float | None]:

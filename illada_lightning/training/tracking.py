@@ -28,32 +28,23 @@ from lightning.pytorch.loggers import MLFlowLogger
 
 from illada_lightning.provenance import git_commit
 
+from .. import runs
 from ..config import ConfigError, flatten, to_dict
+from ..runs import ATTEMPT_TAG, PARENT_TAG, PREVIOUS_ATTEMPT_TAG, RUNS_FILE, STAGE_TAG
 from .checkpoint_files import atomic_write
 
 log = logging.getLogger(__name__)
-
-RUNS_FILE = "mlflow_runs.json"
-PARENT_TAG = "mlflow.parentRunId"
 
 
 def tracking_uri(mlflow_cfg, runs_root: str | Path) -> str:
     if mlflow_cfg.tracking_uri:
         return mlflow_cfg.tracking_uri
-    root = Path(runs_root).expanduser().resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{root / 'mlflow.db'}"
+    Path(runs_root).expanduser().resolve().mkdir(parents=True, exist_ok=True)
+    return runs.default_tracking_uri(runs_root)
 
 
 def artifact_location(mlflow_cfg, runs_root: str | Path) -> str | None:
-    if mlflow_cfg.artifact_location:
-        return mlflow_cfg.artifact_location
-    uri = mlflow_cfg.tracking_uri
-    if uri and uri.startswith("sqlite:///"):  # a local database: artifacts beside it, not in ./mlruns of the cwd
-        return (Path(uri[len("sqlite:///"):]).expanduser().resolve().parent / "mlartifacts").as_uri()
-    if uri:  # a user's server decides where artifacts go
-        return None
-    return (Path(runs_root).expanduser().resolve() / "mlartifacts").as_uri()
+    return mlflow_cfg.artifact_location or runs.artifact_location(mlflow_cfg.tracking_uri, runs_root)
 
 
 def check_tracking_uri(mlflow_cfg, runs_root: str | Path, timeout_s: float = 10.0) -> None:
@@ -160,15 +151,15 @@ class Tracker:
         """A new child run for this attempt at `stage`. The previous attempt's run, left RUNNING by a process
         that died (kill -9, a node failure), is closed as KILLED."""
         parent = self.parent_run_id()
-        tags = {**self._tags(), PARENT_TAG: parent, "illada.stage": stage, "illada.attempt": "1"}
+        tags = {**self._tags(), PARENT_TAG: parent, STAGE_TAG: stage, ATTEMPT_TAG: "1"}
         previous = self.runs.get(stage)
         if previous is not None:
             if self.status(previous) == "RUNNING":
                 self.client.set_tag(previous, "illada.stopped", "its process ended without closing the run; "
                                     "closed as KILLED when the experiment was resumed")
                 self.client.set_terminated(previous, "KILLED")
-            attempt = int(self.client.get_run(previous).data.tags.get("illada.attempt", "1")) + 1
-            tags.update({"illada.previous_attempt": previous, "illada.attempt": str(attempt)})
+            attempt = int(self.client.get_run(previous).data.tags.get(ATTEMPT_TAG, "1")) + 1
+            tags.update({PREVIOUS_ATTEMPT_TAG: previous, ATTEMPT_TAG: str(attempt)})
         run = self.client.create_run(self.experiment_id, run_name=f"{self.cfg.name}/{stage}", tags=tags)
         self.runs[stage] = run.info.run_id
         self.open.append(run.info.run_id)
@@ -186,7 +177,7 @@ class Tracker:
         """The child run of `stage` (created on first use, nested under the parent)."""
         parent = self.parent_run_id()
         if stage not in self.runs:
-            tags = {**self._tags(), PARENT_TAG: parent, "illada.stage": stage}
+            tags = {**self._tags(), PARENT_TAG: parent, STAGE_TAG: stage}
             run = self.client.create_run(self.experiment_id, run_name=f"{self.cfg.name}/{stage}", tags=tags)
             self.runs[stage] = run.info.run_id
             self._save_runs()

@@ -1,5 +1,5 @@
-"""A fake trial and a toy config schema: exercise the sweep machinery (storage, nesting, resume, workers,
-failures, reports) in seconds, without training anything. Used by the tests and by `trial_fn:` for dry runs.
+"""Test support: a fake trial and a toy config schema exercise the sweep machinery (storage, nesting, resume, workers,
+failures, reports) in seconds, without training anything (`trial_fn: tests.sweep_fakes:fake_trial`).
 
 The metric is a deterministic function of the parameters, so tests can predict every value:
     eval/toy/acc = 0.5 + 0.1 * lr_index + 0.01 * epochs   (see `fake_metric`)
@@ -11,8 +11,8 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from .context import TrialContext
-from .tracking import log_metrics
+from illada_lightning.sweeps.context import TrialContext
+from illada_lightning.sweeps.tracking import log_metrics
 
 SCORING_BONUS = {"confidence": 0.05, "likelihood": 0.0}
 

@@ -1,0 +1,92 @@
+"""Run conventions, in one place: the run-directory layout, MLflow tag and metric names, the default store.
+
+Everything that writes or reads a run (training, evaluation, sweeps, reports) imports its names from here, so a
+rename happens once. No heavy imports: the CLIs read this before torch, Lightning or MLflow load.
+
+    <runs_root>/mlflow.db                  default MLflow store (`sqlite:///<runs_root>/mlflow.db`)
+    <runs_root>/mlartifacts/               its artifacts
+    <run_dir>/config.yaml                  the resolved experiment config
+    <run_dir>/mlflow_runs.json             {"parent": id, "pretrain": id, "sft": id}: resume logs into the same runs
+    <runs_root>/sweeps/<name>/optuna.db    a sweep's Optuna study; trial k trains under trial_<k:04d>/
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# Layout ------------------------------------------------------------------------------------------------------------
+DEFAULT_RUNS_ROOT = "runs"
+CONFIG_FILE = "config.yaml"
+RUNS_FILE = "mlflow_runs.json"
+STORE_FILE = "mlflow.db"
+ARTIFACTS_DIR = "mlartifacts"
+SWEEPS_DIR = "sweeps"
+OPTUNA_FILE = "optuna.db"
+
+# Tags --------------------------------------------------------------------------------------------------------------
+PARENT_TAG = "mlflow.parentRunId"  # what the MLflow UI nests by (the tag `start_run(nested=True)` writes)
+COMMIT_TAGS = ("git_commit", "mlflow.source.git.commit")
+STAGE_TAG = "illada.stage"  # pretrain | sft
+ATTEMPT_TAG = "illada.attempt"  # 1, 2, ...: one child run per attempt at a stage (a resume is a new attempt)
+PREVIOUS_ATTEMPT_TAG = "illada.previous_attempt"  # the run id of the attempt this one resumed
+CHECKPOINT_TAG = "illada.checkpoint"
+ROLE_TAG = "sweep.role"  # parent | trial | base (the one training an eval_only / per_epoch sweep reuses)
+SWEEP_NAME_TAG = "sweep.name"
+SWEEP_STUDY_TAG = "sweep.study"
+TRIAL_NUMBER_TAG = "sweep.trial_number"
+SWEEP_PARAM_PREFIX = "sweep.param."  # sweep.param.<config key> = the trial's value
+SWEEP_ERROR_TAG = "sweep.error"
+SWEEP_STATE_TAG = "sweep.state"  # the Optuna state: COMPLETE | PRUNED | FAIL
+
+# Metrics -----------------------------------------------------------------------------------------------------------
+# Logged by the training LightningModules and callbacks (training/module.py, training/callbacks.py).
+TRAIN_LOSS = "train/loss"
+VAL_LOSS = "val/loss"
+TRAINING_METRICS = frozenset({
+    TRAIN_LOSS, "train/masked_fraction", "train/grad_norm", "train/lr", "train/tokens_per_s",
+    "train/steps_per_s", "train/tokens_seen", VAL_LOSS,
+})
+# What an evaluation task reports, logged as `eval/<task>/<name>` (evaluation/metrics.py).
+EVAL_METRIC_NAMES = frozenset({
+    "acc", "acc_norm", "accuracy", "exact_match", "em", "f1", "acc_stderr", "acc_norm_stderr",
+    "exact_match_stderr", "n", "seconds",
+})
+
+
+def eval_metric(task: str, name: str) -> str:
+    return f"eval/{task}/{name}"
+
+
+# Store -------------------------------------------------------------------------------------------------------------
+def sqlite_path(uri: str) -> Path | None:
+    """The file behind a `sqlite:///...` URI (None for servers and in-memory SQLite)."""
+    if not uri or not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///"):]
+    return Path(path).expanduser() if path and path != ":memory:" else None
+
+
+def default_tracking_uri(runs_root: str | Path = DEFAULT_RUNS_ROOT) -> str:
+    """`sqlite:///<runs_root>/mlflow.db`: MLflow 3's recommended backend (the file store is deprecated)."""
+    return f"sqlite:///{Path(runs_root).expanduser().resolve() / STORE_FILE}"
+
+
+def artifact_location(tracking_uri: str | None, runs_root: str | Path = DEFAULT_RUNS_ROOT) -> str | None:
+    """Where a new experiment keeps artifacts: beside a local SQLite store (never `./mlruns` of the working
+    directory); a server decides for itself (None)."""
+    if not tracking_uri:
+        return (Path(runs_root).expanduser().resolve() / ARTIFACTS_DIR).as_uri()
+    path = sqlite_path(tracking_uri)
+    return (path.resolve().parent / ARTIFACTS_DIR).as_uri() if path is not None else None
+
+
+def store_of_run_dir(run_dir: Path, configured_uri: str | None, runs_root: str | Path | None) -> str | None:
+    """The store a finished run logged to: its configured URI, else the default store of its runs root (or of
+    the run directory's parent), when that file exists."""
+    if configured_uri:
+        return str(configured_uri)
+    roots = [Path(runs_root).resolve()] if runs_root else []
+    for root in [*roots, run_dir.parent]:
+        if (root / STORE_FILE).is_file():
+            return f"sqlite:///{root / STORE_FILE}"
+    return None
