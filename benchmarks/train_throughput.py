@@ -159,7 +159,6 @@ def run(args) -> dict:
     module = PretrainModule(
         cfg, DiffusionConfig(), OptimConfig(lr=1e-4, warmup_steps=10), ScheduleConfig(plateau_switch=False),
         seed=args.seed, activation_checkpointing=args.activation_checkpointing,
-        sharded_grads=args.strategy == "fsdp",
     )
     if args.compile:
         module.model.compile_blocks()
@@ -180,7 +179,8 @@ def run(args) -> dict:
     trainer = pl.Trainer(
         accelerator=accelerator, devices=args.devices, precision=args.precision,
         # the library's strategy factory, as `experiments.run strategy=...` uses it
-        strategy=make_strategy(args.strategy, accelerator, str(args.devices)),
+        strategy=make_strategy(args.strategy, accelerator, str(args.devices), precision=args.precision,
+                               cpu_offload=args.fsdp_cpu_offload),
         max_steps=n_batches, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, gradient_clip_val=1.0, num_sanity_val_steps=0, limit_val_batches=0,
         callbacks=callbacks, use_distributed_sampler=False,  # every rank runs the same number of batches
@@ -246,6 +246,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--strategy", default="auto", choices=["auto", "ddp", "fsdp"])
+    p.add_argument("--fsdp-cpu-offload", action="store_true",
+                   help="strategy=fsdp: parameters, gradients and optimizer state in host memory (GPU only)")
     p.add_argument("--devices", type=int, default=1, help="GPUs (or CPU processes) on this node")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="append the JSON line to this file")

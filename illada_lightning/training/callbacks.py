@@ -147,7 +147,8 @@ class NonFiniteLossGuard(Callback):
             self.message = f"non-finite training loss at step {step}: rolling back to {last}"
             log.warning(self.message)
             return
-        finite = all(bool(torch.isfinite(p).all()) for p in pl_module.parameters())
+        # Every rank decides alike: the loss was averaged over ranks, and finiteness is summed over all shards.
+        finite = pl_module.all_finite()
         saved = ""
         if finite:
             path = self.checkpoint_dir / f"nonfinite-step={step:07d}.ckpt"

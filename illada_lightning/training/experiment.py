@@ -165,7 +165,8 @@ def _max_seq_len(cfg: ExperimentConfig, stage: str) -> int:
 
 def preflight(cfg: ExperimentConfig) -> tuple[Any, dict[str, Any]]:
     """All checks that can fail, before training; returns (tokenizer, {stage: prepared datamodule})."""
-    check_strategy(cfg.strategy, cfg.accelerator, cfg.devices, cfg.num_nodes)
+    check_strategy(cfg.strategy, cfg.accelerator, cfg.devices, cfg.num_nodes, precision=cfg.precision,
+                   cpu_offload=cfg.fsdp_cpu_offload)
     if is_rank_zero():
         check_run_dir(cfg)
     stages = stages_of(cfg)
@@ -203,7 +204,7 @@ def _build_module(cfg: ExperimentConfig, stage: str, lr_scale: float = 1.0) -> D
     section = cfg.pretrain if stage == "pretrain" else cfg.sft
     cls = PretrainModule if stage == "pretrain" else SFTModule
     module = cls(cfg.model, cfg.diffusion, section.optim, section.schedule, seed=cfg.seed, lr_scale=lr_scale,
-                 activation_checkpointing=cfg.activation_checkpointing, sharded_grads=cfg.strategy == "fsdp")
+                 activation_checkpointing=cfg.activation_checkpointing)
     if cfg.compile:
         module.model.compile_blocks()
     return module
@@ -245,7 +246,8 @@ def make_trainer(cfg: ExperimentConfig, stage: str, stage_dir: Path, logger, ext
         max_steps, max_epochs = section.max_steps, section.epochs
     return pl.Trainer(
         accelerator=cfg.accelerator, devices=_devices(cfg.devices), num_nodes=cfg.num_nodes,
-        strategy=make_strategy(cfg.strategy, cfg.accelerator, cfg.devices, cfg.num_nodes),
+        strategy=make_strategy(cfg.strategy, cfg.accelerator, cfg.devices, cfg.num_nodes, precision=cfg.precision,
+                               cpu_offload=cfg.fsdp_cpu_offload),
         precision=cfg.precision, max_steps=max_steps, max_epochs=max_epochs, max_time=section.max_time,
         accumulate_grad_batches=accumulate,
         gradient_clip_val=section.optim.grad_clip or None, gradient_clip_algorithm="norm",
