@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -277,6 +278,8 @@ def _save_final(trainer: pl.Trainer, ckpt_dir: Path) -> Path:
         if tmp.is_symlink() or tmp.exists():
             tmp.unlink()
         os.symlink(path.name, tmp)
+        if last.is_dir() and not last.is_symlink():  # a sharded last.ckpt written in place: os.replace cannot
+            shutil.rmtree(last)                      # put a link over a directory
         os.replace(tmp, last)
     return path
 
