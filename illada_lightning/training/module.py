@@ -113,6 +113,7 @@ class DiffusionLMModule(pl.LightningModule):
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.float64), persistent=False)
         self.last_loss: float | None = None
         self.nonfinite_step: int | None = None
+        self._skip_backward = False
         self.last_throughput: float | None = None
         self.tokenizer_json: str | None = None  # embedded in checkpoints so one file restores model + tokenizer
         # (optimizer step, loss) of micro-batches, bounded for million-step runs: the first and the latest.
@@ -154,8 +155,10 @@ class DiffusionLMModule(pl.LightningModule):
         loss_value = float(self.trainer.strategy.reduce(out.loss.detach(), reduce_op="mean"))
         self.last_loss = loss_value
         if not math.isfinite(loss_value):
-            self.nonfinite_step = self.global_step
-            return None  # skip backward and the optimizer step on every rank
+            # Skip backward (`backward` below) and thus the update on every rank alike. Returning None would
+            # say the same, but Lightning refuses None under any multi-process strategy.
+            self.nonfinite_step, self._skip_backward = self.global_step, True
+            return out.loss
         if len(self.first_losses) < 100:
             self.first_losses.append((self.global_step, loss_value))
         self.recent_losses.append((self.global_step, loss_value))
@@ -172,6 +175,12 @@ class DiffusionLMModule(pl.LightningModule):
         self.log("val/loss", out.loss, prog_bar=True, on_step=False, on_epoch=True, sync_dist=True,
                  batch_size=batch["input_ids"].shape[0])
         return out.loss
+
+    def backward(self, loss: torch.Tensor, *args, **kwargs) -> None:
+        if self._skip_backward:  # a non-finite loss: no gradients, so AdamW leaves every parameter as it is
+            self._skip_backward = False
+            return
+        super().backward(loss, *args, **kwargs)
 
     # ----------------------------------------------------------------- optimisation
     def _sharded(self) -> bool:
