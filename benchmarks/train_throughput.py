@@ -21,6 +21,7 @@ Writes one JSON line per configuration (`--out`) and prints a table.
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import time
 from dataclasses import asdict
@@ -204,7 +205,7 @@ def run(args) -> dict:
         "preset": args.preset, "seq_len": args.seq_len, "batch_size": args.batch_size,
         "backend": "sdpa" if args.padded else args.backend, "packing": not args.padded, "precision": args.precision,
         "compile": args.compile, "activation_checkpointing": args.activation_checkpointing,
-        "strategy": args.strategy, "world_size": world,
+        "strategy": args.strategy, "world_size": world, "fsdp_cpu_offload": args.fsdp_cpu_offload,
         "p_split": 0.0 if args.padded else args.p_split, "steps": args.steps,
         "tokens_per_s": world * sum(real_tokens) / elapsed,
         "step_s_median": statistics.median(times), "step_s_min": min(times), "step_s_max": max(times),
@@ -212,6 +213,7 @@ def run(args) -> dict:
         "matmul_peak_tflops": peak,
         "mfu": (sum(flops) / elapsed / 1e12 / peak) if peak else None,  # per device
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+        "host_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # CPU offload lives here
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "commit": git_commit(), "model": asdict(cfg),
     }

@@ -106,6 +106,16 @@ class FSDP2Strategy(ModelParallelStrategy):
                          process_group_backend=backend)
         self.param_dtype, self.cpu_offload = param_dtype, cpu_offload
 
+    def model_to_device(self) -> None:
+        if not self.cpu_offload:
+            return super().model_to_device()
+        # The offloaded shards stay in host memory (FSDP2 copies each to the GPU when its block runs); moving
+        # the module would undo the offload, so only buffers (e.g. the token counter) go to the device.
+        for module in self.model.modules():
+            for key, buf in module._buffers.items():
+                if buf is not None:
+                    module._buffers[key] = buf.to(self.root_device)
+
     def shard(self, model: torch.nn.Module) -> None:
         shard_model(model, self.device_mesh["data_parallel"], param_dtype=self.param_dtype,
                     cpu_offload=self.cpu_offload)
