@@ -79,7 +79,8 @@ class Recorder(Callback):
         rec["eval"] = evaluation.history if evaluation else []
         if guard is None or guard.triggered_step is None:
             with torch.no_grad():  # through the sharded model: a collective forward on every rank
-                self.logits = pl_module.model(probe_ids(pl_module.model_config.vocab_size)).float().cpu()
+                ids = probe_ids(pl_module.model_config.vocab_size).to(pl_module.device)
+                self.logits = pl_module.model(ids).float().cpu()
 
 
 def main(argv: list[str]) -> int:

@@ -24,6 +24,11 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+from torch.distributed.fsdp import FSDPModule
 
 from ..model.config import ModelConfig
 from ..model.transformer import MaskPredictor
@@ -49,10 +54,6 @@ def _read_sharded(path: Path) -> dict:
     """The weights (not the optimizer state) of a sharded checkpoint directory, consolidated on CPU without
     any process group, plus Lightning's `meta.pt` (hyper-parameters, our "illada" entry). Works for any
     number of shard files: DCP's metadata says which file holds which piece."""
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-
     reader = FileSystemReader(str(path))
     keys = {k for k in reader.read_metadata().state_dict_metadata if k.split(".")[0] in ("state_dict", "model")}
     raw: dict = {}
@@ -208,11 +209,7 @@ def load_init_weights(model: torch.nn.Module, path: str | Path, expected: ModelC
 def full_model_state(trainer, module) -> dict[str, torch.Tensor] | None:
     """The unsharded model weights on CPU (rank 0; None elsewhere). A collective under FSDP2: every rank
     must call it; the shards are gathered to rank 0's host memory only (no full copy on other ranks)."""
-    from .strategy import is_sharded
-
-    if is_sharded(module.model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
+    if isinstance(module.model, FSDPModule):
         state = get_model_state_dict(module.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return state if trainer.is_global_zero else None
     if not trainer.is_global_zero:

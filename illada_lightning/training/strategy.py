@@ -30,14 +30,26 @@ Multi-node: set `num_nodes` and `devices` (GPUs per node) and launch one process
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, Strategy
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    FSDPModule,
+    MixedPrecisionPolicy,
+    OffloadPolicy,
+    fully_shard,
+    register_fsdp_forward_method,
+)
 
 STRATEGY_NAMES = ("auto", "ddp", "fsdp")
 # Lightning's ModelParallelStrategy refuses fp16 with a gradient scaler (16-mixed); the others shard.
 FSDP_PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true")
+
+
+log = logging.getLogger(__name__)
 
 
 class StrategyError(ValueError):
@@ -94,17 +106,23 @@ def check_strategy(strategy: str, accelerator: str, devices: str, num_nodes: int
 
 def param_dtype_for(precision: str, accelerator: str) -> torch.dtype | None:
     """FSDP2 compute dtype of the parameters: bf16 on GPU with a bf16 precision, else None (keep fp32)."""
-    return torch.bfloat16 if precision.startswith("bf16") and _uses_cuda(accelerator) else None
+    if not precision.startswith("bf16"):
+        return None
+    if not _uses_cuda(accelerator):
+        log.info("strategy=fsdp on CPU: parameters are gathered and reduced in fp32 (precision=%s still applies "
+                 "Lightning's autocast)", precision)
+        return None
+    return torch.bfloat16
 
 
 class FSDP2Strategy(ModelParallelStrategy):
     """`ModelParallelStrategy` as pure FSDP2 data parallelism, with this project's sharding plan (`shard`)."""
 
     def __init__(self, world: int, *, backend: str, param_dtype: torch.dtype | None = None,
-                 cpu_offload: bool = False):
+                 cpu_offload: bool = False, store_bf16: bool = False):
         super().__init__(data_parallel_size=world, tensor_parallel_size=1, save_distributed_checkpoint=True,
                          process_group_backend=backend)
-        self.param_dtype, self.cpu_offload = param_dtype, cpu_offload
+        self.param_dtype, self.cpu_offload, self.store_bf16 = param_dtype, cpu_offload, store_bf16
 
     def model_to_device(self) -> None:
         if not self.cpu_offload:
@@ -117,22 +135,21 @@ class FSDP2Strategy(ModelParallelStrategy):
                     module._buffers[key] = buf.to(self.root_device)
 
     def shard(self, model: torch.nn.Module) -> None:
+        if self.store_bf16 and not is_sharded(model):
+            # precision=bf16-true: cast before sharding, so the shards (and AdamW state) are bf16 from the start
+            # (Lightning's own cast comes after configure_model and would then be a no-op).
+            model.to(torch.bfloat16)
         shard_model(model, self.device_mesh["data_parallel"], param_dtype=self.param_dtype,
                     cpu_offload=self.cpu_offload)
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
     return isinstance(model, FSDPModule)
 
 
 def shard_model(model: torch.nn.Module, mesh, *, param_dtype: torch.dtype | None = None,
                 cpu_offload: bool = False) -> torch.nn.Module:
     """`fully_shard` each block of a `MaskPredictor`, then the root (idempotent: a sharded model is kept)."""
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
-    from torch.distributed.fsdp import register_fsdp_forward_method
-
     if is_sharded(model):  # configure_model runs again for every fit / validate on the same module
         return model
     # Gradients are reduced in fp32 even when computed in bf16 (as LLaDA's mixed precision keeps fp32 masters).
@@ -158,5 +175,6 @@ def make_strategy(strategy: str, accelerator: str = "auto", devices: str = "auto
         return DDPStrategy(process_group_backend=backend, static_graph=True)
     if strategy == "fsdp":
         return FSDP2Strategy(world_size(accelerator, devices, num_nodes), backend=backend,
-                             param_dtype=param_dtype_for(precision, accelerator), cpu_offload=cpu_offload)
+                             param_dtype=param_dtype_for(precision, accelerator), cpu_offload=cpu_offload,
+                             store_bf16=precision == "bf16-true")
     return "auto"
