@@ -179,3 +179,30 @@ def test_nonfinite_loss_on_one_rank_stops_every_rank_at_the_same_step(fsdp_run, 
     assert a["record"] == b["record"]
     saved = tmp_path / "nan" / "pretrain" / "checkpoints" / "nonfinite-step=0000002.ckpt"
     assert (saved / ".metadata").is_file()  # all weights finite on every shard, saved by every rank
+
+
+def test_resume_on_another_world_size_is_refused_with_the_reason(fsdp_run, tmp_path):
+    """DCP could reshard the weights, but the data position is per rank layout: refused, nothing lost."""
+    import shutil
+
+    src = fsdp_run / "fsdp"
+    ckpts = tmp_path / "other" / "pretrain" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    shutil.copytree(src / "pretrain" / "checkpoints" / f"step={STEPS:07d}.ckpt", ckpts / f"step={STEPS:07d}.ckpt")
+    (ckpts / "last.ckpt").symlink_to(f"step={STEPS:07d}.ckpt")
+    shutil.copytree(src / "tokenizer", tmp_path / "other" / "tokenizer")
+    out = tmp_path / "out"
+    env = dict(os.environ)
+    try:  # one FSDP2 process, here: its process group and Lightning's environment variables are undone after
+        worker_main([str(out), *TINY, *PRETRAIN, "pretrain.max_steps=8", f"runs_root={tmp_path}", "name=other",
+                     f"pretrain.data.cache_dir={fsdp_run / 'cache'}", "stage=pretrain", "strategy=fsdp",
+                     "devices=1", "pretrain.batch_size=4", "pretrain.limit_val_batches=1", "resume=auto"])
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(env)
+    error = json.loads((out / "rank0.json").read_text())["error"]
+    assert "cannot resume the data loader: checkpoint has world_size=2, this run has world_size=1" in error
+    assert (ckpts / f"step={STEPS:07d}.ckpt" / ".metadata").is_file()
+    assert not (tmp_path / "other" / "pretrain" / "FINISHED").exists()
