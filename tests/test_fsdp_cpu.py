@@ -148,7 +148,7 @@ def test_per_epoch_evaluation_under_fsdp_equals_single_process_evaluation(fsdp_r
 
 
 def test_killed_sharded_run_resumes_onto_the_uninterrupted_losses(fsdp_run, tmp_path):
-    common = ["name=cut", "stage=pretrain", *PRETRAIN, "pretrain.batch_size=4", "pretrain.limit_val_batches=1"]
+    common = ["name=cut", "stage=pretrain", *PRETRAIN, "pretrain.batch_size=4", "pretrain.data.val_files=[]"]
     cache = fsdp_run / "cache"
     killed = two_processes(tmp_path / "killed", tmp_path, cache, *common, flags=["--kill-at", "4"])
     assert killed.returncode != 0
@@ -169,7 +169,7 @@ def test_killed_sharded_run_resumes_onto_the_uninterrupted_losses(fsdp_run, tmp_
 
 
 def test_nonfinite_loss_on_one_rank_stops_every_rank_at_the_same_step(fsdp_run, tmp_path):
-    args = ["name=nan", "stage=pretrain", *PRETRAIN, "pretrain.batch_size=4", "pretrain.limit_val_batches=1"]
+    args = ["name=nan", "stage=pretrain", *PRETRAIN, "pretrain.batch_size=4", "pretrain.data.val_files=[]"]
     proc = two_processes(tmp_path / "out", tmp_path, fsdp_run / "cache", *args, flags=["--nan-at", "2"])
     assert proc.returncode == 0, proc.stderr[-4000:]
     a, b = ranks(tmp_path / "out")
