@@ -52,7 +52,7 @@ class Recorder(Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self.nan_at is not None and trainer.global_step == self.nan_at and trainer.global_rank == 1:
-            real = pl_module._loss
+            real, self.nan_at = pl_module._loss, None  # once: a rollback then trains on
 
             def nan_once(b, g):  # only rank 1's loss is non-finite: the decision must still be shared
                 pl_module._loss = real

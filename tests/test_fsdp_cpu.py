@@ -5,8 +5,8 @@ one process accumulating the same global batch: per-step losses and gradient nor
 norm the clip uses), the plateau switch, the final weights. Then: the exported model reproduces the sharded
 model's logits; the sharded checkpoint reads on one process; per-epoch evaluation equals a single-process
 evaluation of the same weights; a run killed on every rank resumes (`resume=auto`) onto the uninterrupted
-losses; a resume on another world size is refused with the reason; a NaN on one rank stops every rank at
-the same step.
+losses; a resume on another world size is refused with the reason; a NaN on one rank stops, or rolls back,
+every rank at the same step.
 """
 
 from __future__ import annotations
@@ -179,6 +179,19 @@ def test_nonfinite_loss_on_one_rank_stops_every_rank_at_the_same_step(fsdp_run, 
     assert a["record"] == b["record"]
     saved = tmp_path / "nan" / "pretrain" / "checkpoints" / "nonfinite-step=0000002.ckpt"
     assert (saved / ".metadata").is_file()  # all weights finite on every shard, saved by every rank
+
+
+def test_nonfinite_loss_on_one_rank_rolls_every_rank_back_to_the_sharded_checkpoint(fsdp_run, tmp_path):
+    args = ["name=rb", "stage=pretrain", *PRETRAIN, "pretrain.batch_size=4", "pretrain.data.val_files=[]",
+            "on_nan=rollback"]
+    proc = two_processes(tmp_path / "out", tmp_path, fsdp_run / "cache", *args, flags=["--nan-at", "4"])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    a, b = ranks(tmp_path / "out")
+    assert a["record"] == b["record"] and a["stages"]["pretrain"]["rollbacks"] == 1
+    steps = [s for s, _ in a["record"]["pretrain"]["losses"]]
+    assert steps[:4] == [1, 2, 3, 4] and steps[-3:] == [4, 5, 6]  # back to step 3, then on to the end
+    full = ranks(fsdp_run / "out")[0]["record"]["pretrain"]["losses"]
+    assert a["record"]["pretrain"]["losses"][-3][1] == pytest.approx(full[3][1], abs=1e-6)  # reloaded exactly
 
 
 def test_resume_on_another_world_size_is_refused_with_the_reason(fsdp_run, tmp_path):
