@@ -153,7 +153,8 @@ def test_killed_sharded_run_resumes_onto_the_uninterrupted_losses(fsdp_run, tmp_
     killed = two_processes(tmp_path / "killed", tmp_path, cache, *common, flags=["--kill-at", "4"])
     assert killed.returncode != 0
     ckpts = tmp_path / "cut" / "pretrain" / "checkpoints"
-    assert (ckpts / "step=0000003.ckpt" / ".metadata").is_file() and not (tmp_path / "cut" / "pretrain" / "FINISHED").exists()
+    assert (ckpts / "step=0000003.ckpt" / ".metadata").is_file()
+    assert not (tmp_path / "cut" / "pretrain" / "FINISHED").exists()
 
     resumed = two_processes(tmp_path / "resumed", tmp_path, cache, *common, "resume=auto")
     assert resumed.returncode == 0, resumed.stderr[-4000:]

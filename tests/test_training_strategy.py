@@ -7,7 +7,13 @@ from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
 from illada_lightning import build_model
 from illada_lightning.training.module import global_grad_norm
-from illada_lightning.training.strategy import FSDP2Strategy, make_strategy, param_dtype_for, shard_model, world_size
+from illada_lightning.training.strategy import (
+    FSDP2Strategy,
+    make_strategy,
+    param_dtype_for,
+    shard_model,
+    world_size,
+)
 
 
 def test_auto_and_ddp_on_cpu():

@@ -5,9 +5,13 @@ differs in their datamodules. The objective is `diffusion.objective.diffusion_lo
 the model's `hidden_states` / `output_weight` path, so logits exist only at masked positions.
 
 Randomness of the forward process comes from a generator seeded by (seed, optimizer step, position of the
-micro-batch in the step's global batch), not from the global RNG, so a run resumed from a checkpoint draws the same masks as an
-uninterrupted one, and validation uses fixed masks (same seed every evaluation) so its loss - the
+micro-batch in the step's global batch), not from the global RNG, so a run resumed from a checkpoint draws
+the same masks as an uninterrupted one, a global batch draws the same masks however it is split over ranks
+and accumulation steps, and validation uses fixed masks (same seed every evaluation) so its loss - the
 diffusion bound on the NLL per token - is comparable across evaluations.
+
+Under `strategy=fsdp` `configure_model` shards the model (FSDP2, training/strategy.py); gradient norm,
+clipping and the finiteness check then work on the local shards and sum over ranks.
 """
 
 from __future__ import annotations
