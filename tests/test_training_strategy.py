@@ -75,3 +75,14 @@ def test_shard_model_shards_every_block_and_the_root_and_keeps_the_numbers(one_p
         out.loss.backward()
         losses.append((float(out.loss.detach()), float(global_grad_norm(m.parameters()))))
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+
+def test_bf16_true_shards_bf16_parameters(one_process_group):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    strategy = FSDP2Strategy(1, backend="gloo", store_bf16=True)
+    strategy._device_mesh = init_device_mesh("cpu", (1, 1), mesh_dim_names=("data_parallel", "tensor_parallel"))
+    model = build_model("tiny", n_layers=1, d_model=32, n_heads=2, n_kv_heads=1, ffn_dim=64, vocab_size=128,
+                        max_seq_len=32)
+    strategy.shard(model)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}  # AdamW state follows: 8 B/parameter
