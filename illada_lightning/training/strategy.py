@@ -6,20 +6,25 @@ Lightning's `ModelParallelStrategy` over a 1-D data-parallel mesh (`data_paralle
 - `fully_shard` on every Transformer block, then on the root (embedding, final norm, LM head);
 - mixed precision: bf16 parameters for compute with fp32 gradient reduction on GPU when `precision` is
   bf16; fp32 throughout on CPU (gloo) or with `precision=32-true`;
+- `precision=bf16-true`: the model is cast to bf16 before sharding (weights, gradients, AdamW state: 8 B
+  per parameter instead of 16, how `illada_8b` fits one GPU);
 - optional CPU offload of parameters, gradients and optimizer state (`fsdp_cpu_offload=true`, GPU only);
 - activation checkpointing and `torch.compile` stay per block, applied by the module before sharding
   (`module.enable_block_checkpointing`, `MaskPredictor.compile_blocks`), so parameter names - and thus
   checkpoints - are the same with and without them.
 It runs on CPU with gloo (tested with two processes) and on GPUs with NCCL, any `devices` / `num_nodes`,
-including `devices=1` (one shard; the same code path as many).
+including `devices=1` (one shard; the same code path as many). Refused before training, with the reason:
+`precision=16-mixed` (fp16 needs a gradient scaler, which FSDP2 through Lightning does not support) and
+`fsdp_cpu_offload` on CPU.
 
 FSDP1 (`FSDPStrategy`) is dropped: it refuses `accelerator=cpu`, so it could never be tested where CI runs,
 and one sharded path is easier to keep right than two.
 
 Checkpoints under `strategy=fsdp` are directories (torch.distributed.checkpoint, one shard file per rank,
 plus Lightning's `meta.pt`); a directory is complete only once DCP's `.metadata` exists (DCP writes it last).
-Resume on the same world size continues exactly. DCP itself reshards on load (weights and optimizer state
-load into any world size), but `resume=auto` on a *different* world size is refused by the data loader,
+Resume on the same world size continues exactly. DCP itself can load shards into another world size (the
+weights of a two-rank checkpoint are read on one process by `checkpoint.load_checkpoint`), but
+`resume=auto` on a *different* world size is refused by the data loader,
 whose saved position is per rank layout (`EpochBatchSampler.load_state_dict` names the mismatch): continue
 such a run with `init_from` (SFT) or the exported weights instead.
 
