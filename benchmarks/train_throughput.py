@@ -21,6 +21,7 @@ Writes one JSON line per configuration (`--out`) and prints a table.
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import time
 from dataclasses import asdict
@@ -159,7 +160,6 @@ def run(args) -> dict:
     module = PretrainModule(
         cfg, DiffusionConfig(), OptimConfig(lr=1e-4, warmup_steps=10), ScheduleConfig(plateau_switch=False),
         seed=args.seed, activation_checkpointing=args.activation_checkpointing,
-        sharded_grads=args.strategy == "fsdp",
     )
     if args.compile:
         module.model.compile_blocks()
@@ -180,7 +180,8 @@ def run(args) -> dict:
     trainer = pl.Trainer(
         accelerator=accelerator, devices=args.devices, precision=args.precision,
         # the library's strategy factory, as `experiments.run strategy=...` uses it
-        strategy=make_strategy(args.strategy, accelerator, str(args.devices)),
+        strategy=make_strategy(args.strategy, accelerator, str(args.devices), precision=args.precision,
+                               cpu_offload=args.fsdp_cpu_offload),
         max_steps=n_batches, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, gradient_clip_val=1.0, num_sanity_val_steps=0, limit_val_batches=0,
         callbacks=callbacks, use_distributed_sampler=False,  # every rank runs the same number of batches
@@ -204,7 +205,7 @@ def run(args) -> dict:
         "preset": args.preset, "seq_len": args.seq_len, "batch_size": args.batch_size,
         "backend": "sdpa" if args.padded else args.backend, "packing": not args.padded, "precision": args.precision,
         "compile": args.compile, "activation_checkpointing": args.activation_checkpointing,
-        "strategy": args.strategy, "world_size": world,
+        "strategy": args.strategy, "world_size": world, "fsdp_cpu_offload": args.fsdp_cpu_offload,
         "p_split": 0.0 if args.padded else args.p_split, "steps": args.steps,
         "tokens_per_s": world * sum(real_tokens) / elapsed,
         "step_s_median": statistics.median(times), "step_s_min": min(times), "step_s_max": max(times),
@@ -212,6 +213,7 @@ def run(args) -> dict:
         "matmul_peak_tflops": peak,
         "mfu": (sum(flops) / elapsed / 1e12 / peak) if peak else None,  # per device
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+        "host_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # CPU offload lives here
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "commit": git_commit(), "model": asdict(cfg),
     }
@@ -246,6 +248,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--strategy", default="auto", choices=["auto", "ddp", "fsdp"])
+    p.add_argument("--fsdp-cpu-offload", action="store_true",
+                   help="strategy=fsdp: parameters, gradients and optimizer state in host memory (GPU only)")
     p.add_argument("--devices", type=int, default=1, help="GPUs (or CPU processes) on this node")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="append the JSON line to this file")

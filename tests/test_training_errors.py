@@ -42,24 +42,27 @@ def test_cli_reports_bad_override_without_traceback(capsys):
     assert "unknown config key 'pretrain.max_stepz'" in capsys.readouterr().err
 
 
-def test_fsdp_impossible_here_is_refused_before_training(tmp_path):
-    if torch.cuda.device_count() >= 2:
-        pytest.skip("this machine can run FSDP")
-    with pytest.raises(StrategyError, match="strategy=fsdp"):
-        check_strategy("fsdp", "auto", "auto", 1)
-    cfg = small_config(tmp_path, tmp_path / "cache", "strategy=fsdp", "mlflow.enabled=false")
-    with pytest.raises(StrategyError, match="strategy=fsdp"):
+@pytest.mark.parametrize("overrides, message", [
+    (["precision=16-mixed"], "strategy=fsdp cannot shard with precision=16-mixed"),
+    (["fsdp_cpu_offload=true"], "fsdp_cpu_offload=true offloads GPU memory to the host, but this run is on CPU"),
+])
+def test_what_fsdp_cannot_shard_is_refused_before_training(tmp_path, overrides, message):
+    cfg = small_config(tmp_path, tmp_path / "cache", "strategy=fsdp", "accelerator=cpu", "mlflow.enabled=false",
+                       *overrides)
+    with pytest.raises(StrategyError, match=message):
         run_experiment(cfg)
     assert not (tmp_path / "default").exists()
 
 
-def test_fsdp_on_a_single_gpu_is_refused(monkeypatch):
+def test_fsdp_runs_on_one_device_and_gpu_counts_are_checked(monkeypatch):
+    check_strategy("fsdp", "cpu", "1", 1)  # FSDP2 with one shard: the same code path as many (benchmarks)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    with pytest.raises(StrategyError, match="gives 1 .*use strategy=auto for one device"):
-        check_strategy("fsdp", "auto", "auto", 1)
+    check_strategy("fsdp", "auto", "auto", 1, precision="bf16-mixed", cpu_offload=True)
     with pytest.raises(StrategyError, match="asks for 2 GPUs but this machine has 1"):
         check_strategy("ddp", "gpu", "2", 1)
+    with pytest.raises(StrategyError, match="fsdp_cpu_offload=true needs strategy=fsdp"):
+        check_strategy("ddp", "gpu", "1", 1, cpu_offload=True)
 
 
 def _fake_checkpoint(path: Path, cfg) -> Path:

@@ -1,17 +1,17 @@
 """`PerEpochEvaluation`: run evaluation tasks at the end of every N training epochs and log
 `eval/<task>/<metric>` against the epoch, so the SFT-epoch curve of iLLaDA Fig. 1 appears in the MLflow UI.
 
-Distributed training - sharded and gathered, on every rank:
-- every rank evaluates its shard (examples i, i + world_size, ...) of the same fixed subset, and the metrics
-  are gathered with torchmetrics' all-reduce (`metrics.accuracy_with_stderr(sync=True)`), so the numbers
-  equal a single-process evaluation of the whole subset and the work is split world_size ways;
-- under DDP each rank runs its local replica (`pl_module.model`, not the DDP wrapper: no collectives);
-- under FSDP the parameters are sharded and a forward needs every rank in lock-step, which evaluation
-  cannot promise (generation stops early per prompt, confidence scoring takes one forward per candidate
-  token). So the full weights are gathered once per evaluation (one collective, every rank) into a plain
-  unsharded copy on each rank, which then evaluates its shard with no collectives. This costs one extra
-  copy of the weights in device memory while evaluating; it is freed afterwards.
-Rank 0 alone would deadlock under FSDP and waste the other ranks under DDP, hence this choice.
+Distributed training:
+- under DDP every rank evaluates its shard (examples i, i + world_size, ...) of the same fixed subset with
+  its local replica (`pl_module.model`, not the DDP wrapper: no collectives), and the metrics are gathered
+  with torchmetrics' all-reduce (`metrics.accuracy_with_stderr(sync=True)`), so the numbers equal a
+  single-process evaluation of the whole subset and the work is split world_size ways;
+- under FSDP2 (`strategy=fsdp`) a forward through the sharded model needs every rank in lock-step, which
+  evaluation cannot promise (generation stops early per prompt, confidence scoring takes one forward per
+  candidate token). So the shards are gathered once, to rank 0's host memory only
+  (`checkpoint.full_model_state`); rank 0 evaluates the whole subset on an unsharded copy, the other ranks
+  wait, and the metrics are broadcast. No rank but 0 ever holds a full copy; the copy is freed afterwards.
+  The numbers are those of a single-process evaluation of the same weights by construction.
 
 No training state is touched: the model goes to eval mode under no_grad and back to train mode, and the
 CPU and CUDA random states (torch, Python, NumPy) are saved before and restored after, so a run with the
@@ -29,6 +29,9 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
+from ..model.transformer import MaskPredictor
+from ..training.checkpoint import full_model_state
+from ..training.strategy import is_sharded
 from .config import EvalConfig
 from .runner import evaluate
 
@@ -50,27 +53,14 @@ def preserved_rng():
             torch.cuda.set_rng_state_all(cuda)
 
 
-def _is_fsdp(trainer: pl.Trainer) -> bool:
-    from lightning.pytorch.strategies import FSDPStrategy
-
-    return isinstance(trainer.strategy, FSDPStrategy)
-
-
-def unsharded_copy(fsdp_root: torch.nn.Module, model_config, device, prefix: str = "model.") -> torch.nn.Module:
-    """A plain `MaskPredictor` with the full weights of the FSDP-wrapped model under `fsdp_root` (whose state
-    dict keys start with `prefix`), on every rank. A collective: every rank must call it."""
-    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-    from illada_lightning.model.transformer import MaskPredictor
-
-    with FSDP.state_dict_type(fsdp_root, StateDictType.FULL_STATE_DICT,
-                              FullStateDictConfig(offload_to_cpu=True, rank0_only=False)):
-        state = fsdp_root.state_dict()
-    state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    copy = MaskPredictor(model_config)
+def _unsharded_on_rank_zero(trainer: pl.Trainer, pl_module) -> torch.nn.Module | None:
+    """A plain `MaskPredictor` with the full weights on rank 0 (None elsewhere). A collective."""
+    state = full_model_state(trainer, pl_module)
+    if state is None:
+        return None
+    copy = MaskPredictor(pl_module.model.config)
     copy.load_state_dict(state)
-    return copy.to(device)
+    return copy.to(pl_module.device)
 
 
 class PerEpochEvaluation(pl.Callback):
@@ -110,16 +100,19 @@ class PerEpochEvaluation(pl.Callback):
             log.info("epoch %d evaluation: %s", epoch, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
 
     def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
-        tokenizer = self._tokenizer(trainer, pl_module)
         with preserved_rng():
-            if _is_fsdp(trainer):  # Lightning wraps the LightningModule: its `model` is under "model."
-                model = unsharded_copy(trainer.strategy.model, pl_module.model.config, pl_module.device)
-            else:
-                model = pl_module.model
-            scorer = self.scorer_factory(model, self.cfg) if self.scorer_factory else None
-            generator = self.generator_factory(model, tokenizer, self.cfg) if self.generator_factory else None
-            results = evaluate(model, tokenizer, self.cfg.tasks, self.cfg, scorer=scorer, generator=generator,
-                               subset_size=self.cfg.subset_size, rank=trainer.global_rank,
-                               world_size=trainer.world_size)
+            if is_sharded(pl_module.model):
+                model = _unsharded_on_rank_zero(trainer, pl_module)
+                metrics = self._evaluate(model, trainer, pl_module, 0, 1) if model is not None else None
+                del model
+                return trainer.strategy.broadcast(metrics, src=0)
+            return self._evaluate(pl_module.model, trainer, pl_module, trainer.global_rank, trainer.world_size)
+
+    def _evaluate(self, model, trainer, pl_module, rank: int, world_size: int) -> dict[str, float]:
+        tokenizer = self._tokenizer(trainer, pl_module)
+        scorer = self.scorer_factory(model, self.cfg) if self.scorer_factory else None
+        generator = self.generator_factory(model, tokenizer, self.cfg) if self.generator_factory else None
+        results = evaluate(model, tokenizer, self.cfg.tasks, self.cfg, scorer=scorer, generator=generator,
+                           subset_size=self.cfg.subset_size, rank=rank, world_size=world_size)
         return {f"eval/{task}/{name}": float(value) for task, values in results.items()
                 for name, value in values.items() if name != "seconds"}

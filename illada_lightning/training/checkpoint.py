@@ -12,7 +12,8 @@ Run directory layout (`run_experiment`):
     <run_dir>/<stage>/FINISHED             written when the stage completed (json summary)
 
 `load_checkpoint(path)` accepts a run directory, a stage directory, an exported `model.pt`, a Lightning
-`.ckpt` file or a sharded FSDP checkpoint directory, and returns `(model, tokenizer)`; the model config
+`.ckpt` file or a sharded FSDP2 checkpoint directory (complete once DCP's `.metadata` exists; read on one
+process, whatever the world size that wrote it), and returns `(model, tokenizer)`; the model config
 is read from the checkpoint itself.
 
 Crash safety: every file is written to a temporary name in the same directory, fsynced and renamed
@@ -29,6 +30,11 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+from torch.distributed.fsdp import FSDPModule
 
 from ..interop import HFCheckpointError
 from ..interop.llada_hf import is_hf_checkpoint, load_hf_checkpoint, read_hf_checkpoint
@@ -67,16 +73,25 @@ def _is_sharded_dir(path: Path) -> bool:
     return path.is_dir() and (path / ".metadata").is_file()
 
 
+def _read_sharded(path: Path) -> dict:
+    """The weights (not the optimizer state) of a sharded checkpoint directory, consolidated on CPU without
+    any process group, plus Lightning's `meta.pt` (hyper-parameters, our "illada" entry). Works for any
+    number of shard files: DCP's metadata says which file holds which piece."""
+    reader = FileSystemReader(str(path))
+    keys = {k for k in reader.read_metadata().state_dict_metadata if k.split(".")[0] in ("state_dict", "model")}
+    raw: dict = {}
+    _load_state_dict(raw, storage_reader=reader, planner=_EmptyStateDictLoadPlanner(keys=keys), no_dist=True)
+    if (path / "meta.pt").is_file():
+        raw.update(torch.load(path / "meta.pt", map_location="cpu", weights_only=False))
+    return raw
+
+
 def _read_raw(path: Path) -> dict:
     if _is_sharded_dir(path):
-        # Lightning's FSDP sharded format: torch.distributed.checkpoint shards (weights under "model") plus
-        # `meta.pt` with everything else (hyper-parameters, our "illada" entry).
-        from lightning.fabric.utilities.consolidate_checkpoint import _load_distributed_checkpoint
-
-        raw = _load_distributed_checkpoint(path)
-        if (path / "meta.pt").is_file():
-            raw.update(torch.load(path / "meta.pt", map_location="cpu", weights_only=False))
-        return raw
+        try:
+            return _read_sharded(path)
+        except Exception as exc:  # a shard file missing or truncated
+            raise CheckpointError(f"cannot read sharded checkpoint {path}: {exc}") from None
     try:
         # mmap: tensors are read when touched, so the shape checks of init_from cost no full read.
         return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
@@ -221,20 +236,11 @@ def load_init_weights(model: torch.nn.Module, path: str | Path, expected: ModelC
 
 
 def full_model_state(trainer, module) -> dict[str, torch.Tensor] | None:
-    """The unsharded model weights on CPU (rank 0; None elsewhere). A collective under FSDP."""
-    from lightning.pytorch.strategies import FSDPStrategy
-
-    if isinstance(trainer.strategy, FSDPStrategy):
-        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-        wrapped = trainer.strategy.model
-        with FSDP.state_dict_type(wrapped, StateDictType.FULL_STATE_DICT,
-                                  FullStateDictConfig(offload_to_cpu=True, rank0_only=True)):
-            state = wrapped.state_dict()
-        if not trainer.is_global_zero:
-            return None
-        return {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    """The unsharded model weights on CPU (rank 0; None elsewhere). A collective under FSDP2: every rank
+    must call it; the shards are gathered to rank 0's host memory only (no full copy on other ranks)."""
+    if isinstance(module.model, FSDPModule):
+        state = get_model_state_dict(module.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return state if trainer.is_global_zero else None
     if not trainer.is_global_zero:
         return None
     return {k: v.detach().cpu() for k, v in module.model.state_dict().items()}

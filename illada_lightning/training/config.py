@@ -207,6 +207,7 @@ class ExperimentConfig:
     precision: str = "32-true"  # bf16-mixed on GPU
     activation_checkpointing: bool = False  # recompute each Transformer block in backward
     compile: bool = False  # torch.compile each Transformer block (MaskPredictor.compile_blocks)
+    fsdp_cpu_offload: bool = False  # strategy=fsdp on GPU: parameters, gradients, optimizer state in host memory
     matmul_precision: str | None = None  # torch.set_float32_matmul_precision ("high" on GPUs)
     progress_bar: bool = True
     mlflow: MLflowConfig = field(default_factory=MLflowConfig)

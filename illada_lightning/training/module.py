@@ -4,10 +4,14 @@
 differs in their datamodules. The objective is `diffusion.objective.diffusion_loss` (iLLaDA Eq. 1) through
 the model's `hidden_states` / `output_weight` path, so logits exist only at masked positions.
 
-Randomness of the forward process comes from a generator seeded by (seed, optimizer step, micro-batch,
-rank), not from the global RNG, so a run resumed from a checkpoint draws the same masks as an
-uninterrupted one, and validation uses fixed masks (same seed every evaluation) so its loss - the
+Randomness of the forward process comes from a generator seeded by (seed, optimizer step, position of the
+micro-batch in the step's global batch), not from the global RNG, so a run resumed from a checkpoint draws
+the same masks as an uninterrupted one, a global batch draws the same masks however it is split over ranks
+and accumulation steps, and validation uses fixed masks (same seed every evaluation) so its loss - the
 diffusion bound on the NLL per token - is comparable across evaluations.
+
+Under `strategy=fsdp` `configure_model` shards the model (FSDP2, training/strategy.py); gradient norm,
+clipping and the finiteness check then work on the local shards and sum over ranks.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from ..model.config import ModelConfig
 from ..model.transformer import MaskPredictor
 from .config import OptimConfig, ScheduleConfig
 from .schedule import RecipeLR
+from .strategy import is_sharded
 
 _VAL_SEED_OFFSET = 7_777_777
 
@@ -67,6 +72,22 @@ def enable_block_checkpointing(model: MaskPredictor) -> None:
         block._checkpointed = True
 
 
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (FSDP2 parameter or gradient); a plain tensor as it is."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def global_grad_norm(parameters, strategy=None, device=None) -> torch.Tensor:
+    """L2 norm of all gradients; with `strategy`, the squared norms of the local shards are summed over ranks
+    (FSDP2 shards are disjoint, so this is the norm of the full gradient)."""
+    grads = [local_tensor(p.grad.detach()) for p in parameters if p.grad is not None]
+    sq = (torch.stack([g.float().pow(2).sum().to(device) for g in grads]).sum() if grads
+          else torch.zeros((), device=device))
+    if strategy is not None:
+        sq = strategy.reduce(sq, reduce_op="sum")
+    return sq.sqrt()
+
+
 class DiffusionLMModule(pl.LightningModule):
     stage = "pretrain"
 
@@ -79,7 +100,6 @@ class DiffusionLMModule(pl.LightningModule):
         seed: int = 0,
         lr_scale: float = 1.0,
         activation_checkpointing: bool = False,
-        sharded_grads: bool = False,
     ):
         super().__init__()
         self.model_config = _as(ModelConfig, model_config).validate()
@@ -90,13 +110,14 @@ class DiffusionLMModule(pl.LightningModule):
             "model_config": asdict(self.model_config), "diffusion": asdict(self.diffusion),
             "optim": asdict(self.optim), "schedule": asdict(self.schedule), "seed": seed, "stage": self.stage,
         }, logger=False)  # kept in checkpoints; MLflow gets the whole experiment config instead (tracking.py)
-        self.seed, self.lr_scale, self.sharded_grads = seed, lr_scale, sharded_grads
+        self.seed, self.lr_scale = seed, lr_scale
         self.model = MaskPredictor(self.model_config)
         if activation_checkpointing:
             enable_block_checkpointing(self.model)
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.float64), persistent=False)
         self.last_loss: float | None = None
         self.nonfinite_step: int | None = None
+        self._skip_backward = False
         self.last_throughput: float | None = None
         self.tokenizer_json: str | None = None  # embedded in checkpoints so one file restores model + tokenizer
         # (optimizer step, loss) of micro-batches, bounded for million-step runs: the first and the latest.
@@ -120,16 +141,28 @@ class DiffusionLMModule(pl.LightningModule):
             return torch.tensor(ids.numel(), device=ids.device)
         return (ids != self.model_config.pad_token_id).sum()
 
-    def training_step(self, batch: dict, batch_idx: int):
+    def _train_stream(self, batch_idx: int) -> int:
+        """Which noise stream micro-batch `batch_idx` of this rank draws from: its position in the step's
+        global batch (micro * world_size + rank, the order in which the data modules deal batches out).
+
+        A global batch split over ranks or over accumulation steps then draws the same masks: 2 FSDP
+        processes compute what 1 process accumulating 2 micro-batches does. The seed's trailing 0 (once the
+        rank) keeps single-process runs' masks as they always were.
+        """
         micro = batch_idx % max(1, self.trainer.accumulate_grad_batches)
-        generator = self._generator(mixing_seed(self.seed, self.global_step, micro, self.global_rank))
+        return micro * self.trainer.world_size + self.global_rank
+
+    def training_step(self, batch: dict, batch_idx: int):
+        generator = self._generator(mixing_seed(self.seed, self.global_step, self._train_stream(batch_idx), 0))
         out = self._loss(batch, generator)
         # Averaged over ranks: every rank takes the same skip / plateau decision.
         loss_value = float(self.trainer.strategy.reduce(out.loss.detach(), reduce_op="mean"))
         self.last_loss = loss_value
         if not math.isfinite(loss_value):
-            self.nonfinite_step = self.global_step
-            return None  # skip backward and the optimizer step on every rank
+            # Skip backward (`backward` below) and thus the update on every rank alike. Returning None would
+            # say the same, but Lightning refuses None under any multi-process strategy.
+            self.nonfinite_step, self._skip_backward = self.global_step, True
+            return out.loss
         if len(self.first_losses) < 100:
             self.first_losses.append((self.global_step, loss_value))
         self.recent_losses.append((self.global_step, loss_value))
@@ -140,21 +173,36 @@ class DiffusionLMModule(pl.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int):
         # Fixed masks per validation batch: the same seed in every evaluation.
-        out = self._loss(batch, self._generator(mixing_seed(self.seed, _VAL_SEED_OFFSET, batch_idx)))
+        stream = batch_idx * self.trainer.world_size + self.global_rank  # the global batch index (EvalLoader)
+        out = self._loss(batch, self._generator(mixing_seed(self.seed, _VAL_SEED_OFFSET, stream)))
         # Ranks evaluate different shards of the validation set: average over them (a no-op on one device).
         self.log("val/loss", out.loss, prog_bar=True, on_step=False, on_epoch=True, sync_dist=True,
                  batch_size=batch["input_ids"].shape[0])
         return out.loss
 
+    def backward(self, loss: torch.Tensor, *args, **kwargs) -> None:
+        if self._skip_backward:  # a non-finite loss: no gradients, so AdamW leaves every parameter as it is
+            self._skip_backward = False
+            return
+        super().backward(loss, *args, **kwargs)
+
     # ----------------------------------------------------------------- optimisation
+    def _sharded(self) -> bool:
+        return is_sharded(self.model)
+
     def grad_norm(self) -> torch.Tensor:
-        """Global L2 norm of the gradients (summed over shards when parameters are sharded)."""
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        sq = (torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum() if grads
-              else torch.zeros((), device=self.device))
-        if self.sharded_grads:
-            sq = self.trainer.strategy.reduce(sq, reduce_op="sum")
-        return sq.sqrt()
+        """Global L2 norm of the gradients: over all shards when parameters are sharded (FSDP2), so every
+        rank gets the same number."""
+        return global_grad_norm(self.parameters(), self.trainer.strategy if self._sharded() else None, self.device)
+
+    def all_finite(self) -> bool:
+        """Whether every parameter (every shard, on every rank) is finite; the same answer on every rank."""
+        bad = torch.zeros((), device=self.device)
+        for p in self.parameters():
+            bad += (~torch.isfinite(local_tensor(p.detach()))).sum().to(bad)
+        if self._sharded():
+            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
+        return bool(bad == 0)
 
     def total_steps(self) -> int:
         return int(self.trainer.estimated_stepping_batches)
@@ -179,14 +227,22 @@ class DiffusionLMModule(pl.LightningModule):
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         # Lightning's mixed-precision plugin refuses to clip with a fused optimizer because fused AdamW
         # unscales fp16 gradients itself; with bf16 or fp32 there is no scaler, so plain clipping is exact.
-        # Sharded (FSDP) gradients keep Lightning's strategy-aware path.
+        # Sharded (FSDP2) gradients are clipped by their global norm over all shards (the same on every rank).
         if not gradient_clip_val:
             return
-        plugin = self.trainer.precision_plugin
-        if getattr(plugin, "scaler", None) is None and not self.sharded_grads and type(plugin).__name__ != "FSDPPrecision":
+        if self._sharded():
+            torch.nn.utils.clip_grads_with_norm_(list(self.parameters()), gradient_clip_val, self.grad_norm())
+        elif getattr(self.trainer.precision_plugin, "scaler", None) is None:
             torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
         else:
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def configure_model(self) -> None:
+        # Called by Lightning on every rank before the optimizers exist; FSDP2Strategy shards here
+        # (per block + root, training/strategy.py). Other strategies keep the plain model.
+        shard = getattr(self.trainer.strategy, "shard", None)
+        if shard is not None:
+            shard(self.model)
 
     def on_train_start(self) -> None:
         # After a checkpoint restore: a rollback after a non-finite loss asks for a lower LR than the saved one.

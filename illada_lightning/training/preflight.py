@@ -182,7 +182,8 @@ def check_run_dir_writable(cfg: ExperimentConfig) -> None:
 
 def preflight(cfg: ExperimentConfig) -> tuple[Any, dict[str, Any]]:
     """All checks that can fail, before training; returns (tokenizer, {stage: prepared datamodule})."""
-    check_strategy(cfg.strategy, cfg.accelerator, cfg.devices, cfg.num_nodes)
+    check_strategy(cfg.strategy, cfg.accelerator, cfg.devices, cfg.num_nodes, precision=cfg.precision,
+                   cpu_offload=cfg.fsdp_cpu_offload)
     if is_rank_zero():
         check_run_dir(cfg)
         check_tracking_uri(cfg.mlflow, cfg.runs_root)

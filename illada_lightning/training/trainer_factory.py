@@ -23,7 +23,7 @@ def build_module(cfg: ExperimentConfig, stage: str, lr_scale: float = 1.0) -> Di
     section = cfg.pretrain if stage == "pretrain" else cfg.sft
     cls = PretrainModule if stage == "pretrain" else SFTModule
     module = cls(cfg.model, cfg.diffusion, section.optim, section.schedule, seed=cfg.seed, lr_scale=lr_scale,
-                 activation_checkpointing=cfg.activation_checkpointing, sharded_grads=cfg.strategy == "fsdp")
+                 activation_checkpointing=cfg.activation_checkpointing)
     if cfg.compile:
         module.model.compile_blocks()
     return module
@@ -64,7 +64,8 @@ def make_trainer(cfg: ExperimentConfig, stage: str, stage_dir: Path, logger, ext
     max_epochs = -1 if stage == "pretrain" else section.epochs
     return pl.Trainer(
         accelerator=cfg.accelerator, devices=_devices(cfg.devices), num_nodes=cfg.num_nodes,
-        strategy=make_strategy(cfg.strategy, cfg.accelerator, cfg.devices, cfg.num_nodes),
+        strategy=make_strategy(cfg.strategy, cfg.accelerator, cfg.devices, cfg.num_nodes, precision=cfg.precision,
+                               cpu_offload=cfg.fsdp_cpu_offload),
         plugins=[AtomicCheckpointIO()],
         precision=cfg.precision, max_steps=section.max_steps, max_epochs=max_epochs, max_time=section.max_time,
         accumulate_grad_batches=accumulate,
