@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 FORMATS = ("auto", "text", "jsonl", "parquet")
 TEXT_UNITS = ("auto", "paragraph", "file", "wikitext")
 SFT_MASKING = ("whole_window", "response_only")
+SFT_ATTENTION = ("window", "per_example")
 
 
 def _need(cond: bool, key: str, msg: str) -> None:
@@ -73,6 +74,10 @@ class SFTDataConfig:
     train_files: list[str] = field(default_factory=lambda: ["data/instruct/train.jsonl"])
     val_files: list[str] = field(default_factory=lambda: ["data/instruct/valid.jsonl"])
     masking: str = "whole_window"  # iLLaDA §2.2 | response_only (LLaDA §2.3 baseline)
+    # whole_window only: `window` lets attention run across examples inside a training window (iLLaDA §2.2, one
+    # continuous instruction corpus: the model sees tokens after an EOS, as in variable-length block generation,
+    # §2.3); `per_example` makes every example its own cu_seqlens segment (the ablation).
+    attention: str = "window"
     p_split: float = 0.3  # random-length training, whole_window only
     max_seq_len: int | None = None  # None = model.max_seq_len
     multi_turn_split: bool = True  # response_only: an n-turn dialogue gives n pairs (LLaDA B.1)
@@ -81,6 +86,8 @@ class SFTDataConfig:
 
     def validate(self) -> SFTDataConfig:
         _need(self.masking in SFT_MASKING, "sft.masking", f"{self.masking!r} is not one of {SFT_MASKING}")
+        _need(self.attention in SFT_ATTENTION, "sft.attention",
+              f"{self.attention!r} is not one of {SFT_ATTENTION}")
         _need(bool(self.train_files), "sft.train_files", "must name at least one jsonl file")
         _check_max_seq_len("sft", self.max_seq_len)
         _check_p_split("sft", self.p_split)

@@ -1,8 +1,8 @@
 """LightningDataModules for pretraining and SFT; every batch follows the shared contract
 (`input_ids` [B, L], `cu_seqlens` int32, `max_seqlen` int, `loss_mask` bool [B, L] or None).
 
-Training loaders are `loader.ResumableLoader`s: deterministic for (seed, epoch) and restored mid-epoch by
-Lightning on resume. Validation loaders give the same batches on every pass, without random-length splits
+Training loaders are `loader.ResumableLoader`s over windows sampled afresh from the token stream every epoch
+(`stream.py`): deterministic for (seed, epoch) and restored mid-epoch by Lightning on resume. Validation loaders give the same batches on every pass, without random-length splits
 (the validation loss is measured on full rows).
 """
 
@@ -17,28 +17,52 @@ import numpy as np
 from illada_lightning.data.config import DataConfig, SFTDataConfig
 from illada_lightning.data.corpus import load_tokenized_documents
 from illada_lightning.data.loader import EpochBatchSampler, EvalLoader, ResumableLoader, seeded_generator
-from illada_lightning.data.packing import PackedRows, collate_packed_rows, pack_documents
+from illada_lightning.data.packing import collate_packed_rows
 from illada_lightning.data.sft import (
     collate_response_only,
     example_stream_documents,
     load_sft_examples,
     response_only_rows,
 )
+from illada_lightning.data.stream import (
+    TokenStream,
+    n_fixed_windows,
+    n_train_windows,
+    train_window_starts,
+    window_rows,
+)
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class PackedBatchMaker:
-    """Batch of packed rows with a random-length split seeded by (seed, epoch, batch index); picklable."""
+class WindowBatchMaker:
+    """A batch of stream windows (stream.py), picklable. Training: the windows of (seed, epoch), a new cut every
+    epoch, with the random-length split seeded by (seed, epoch, batch index). Validation (`train` False): the
+    fixed windows, whole. `isolate_documents` False makes a window one attention segment (SFT `window`)."""
 
-    rows: PackedRows
+    stream: TokenStream
+    window: int
     p_split: float
     seed: int
+    pad_id: int
+    train: bool = True
+    isolate_documents: bool = True
+
+    def __len__(self) -> int:
+        n = self.stream.n_tokens
+        return n_train_windows(n, self.window) if self.train else n_fixed_windows(n, self.window)
 
     def __call__(self, items: np.ndarray, epoch: int, index: int) -> dict:
-        generator = seeded_generator(self.seed, epoch, index) if self.p_split > 0 else None
-        return collate_packed_rows(self.rows, items, p_split=self.p_split, generator=generator)
+        if self.train:
+            starts = train_window_starts(items, self.seed, epoch, self.stream.n_tokens, self.window)
+        else:
+            starts = np.asarray(items, dtype=np.int64) * self.window
+        rows = window_rows(self.stream, starts, self.window, pad_id=self.pad_id, wrap=self.train,
+                           isolate_documents=self.isolate_documents)
+        p_split = self.p_split if self.train else 0.0
+        generator = seeded_generator(self.seed, epoch, index) if p_split > 0 else None
+        return collate_packed_rows(rows, np.arange(len(rows)), p_split=p_split, generator=generator)
 
 
 @dataclass
@@ -83,25 +107,28 @@ class _BaseDataModule(L.LightningDataModule):
 
 
 class PretrainDataModule(_BaseDataModule):
-    """Corpus documents packed into rows of `max_seq_len` (data_cfg.max_seq_len wins when set)."""
+    """Windows of `max_seq_len` sampled from the corpus stream (data_cfg.max_seq_len wins when set); documents
+    stay isolated (iLLaDA §2.1)."""
 
     def __init__(self, data_cfg: DataConfig, tokenizer, max_seq_len: int, batch_size: int, seed: int = 0):
         data_cfg.validate()
         super().__init__(tokenizer, data_cfg.max_seq_len or max_seq_len, batch_size, seed, data_cfg.num_workers)
         self.cfg = data_cfg
 
-    def _packed(self, files, split: str) -> PackedRows:
+    def _stream(self, files, split: str) -> TokenStream:
         docs = self._tokenized(files, split)
-        rows = pack_documents(docs, self.max_seq_len, eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id)
-        log.info("%s: %d documents, %d tokens -> %d rows of %d", split, len(docs), int(rows.n_real.sum()),
-                 len(rows), self.max_seq_len)
-        return rows
+        stream = TokenStream.from_documents(docs, self.tokenizer.eos_id)
+        log.info("%s: %d documents, %d tokens, windows of %d", split, len(docs), stream.n_tokens, self.max_seq_len)
+        return stream
 
     def _tokenized(self, files, split: str) -> list[np.ndarray]:
         c = self.cfg
         return load_tokenized_documents(files, self.tokenizer, fmt=c.format, text_field=c.text_field,
                                         text_unit=c.text_unit, hub_name=c.hub_name, hub_split=split,
                                         cache_dir=c.cache_dir)
+
+    def _maker(self, stream: TokenStream, train: bool) -> WindowBatchMaker:
+        return WindowBatchMaker(stream, self.max_seq_len, self.cfg.p_split, self.seed, self.tokenizer.pad_id, train)
 
     def prepare_data(self) -> None:
         """Tokenise into the cache once (Lightning runs this on one process; `setup` then reads the cache)."""
@@ -112,29 +139,31 @@ class PretrainDataModule(_BaseDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self._train_maker is not None:
             return
-        self.train_rows = self._packed(self.cfg.train_files, "train")
-        self._train_maker = PackedBatchMaker(self.train_rows, self.cfg.p_split, self.seed)
-        self._n_train = len(self.train_rows)
+        self.train_stream = self._stream(self.cfg.train_files, "train")
+        self._train_maker = self._maker(self.train_stream, train=True)
+        self._n_train = len(self._train_maker)
         if self.cfg.val_files or self.cfg.hub_name is not None:
-            self.val_rows = self._packed(self.cfg.val_files, "validation")
-            self._val_maker, self._n_val = PackedBatchMaker(self.val_rows, 0.0, self.seed), len(self.val_rows)
+            self._val_maker = self._maker(self._stream(self.cfg.val_files, "validation"), train=False)
+            self._n_val = len(self._val_maker)
 
 
 class SFTDataModule(_BaseDataModule):
-    """Instruction data in iLLaDA's `whole_window` layout or LLaDA's `response_only` layout (see sft.py)."""
+    """Instruction data in iLLaDA's `whole_window` layout (attention across examples in a window, or per
+    example with `attention=per_example`) or LLaDA's `response_only` layout (see sft.py)."""
 
     def __init__(self, sft_cfg: SFTDataConfig, tokenizer, max_seq_len: int, batch_size: int, seed: int = 0):
         sft_cfg.validate()
         super().__init__(tokenizer, sft_cfg.max_seq_len or max_seq_len, batch_size, seed, sft_cfg.num_workers)
         self.cfg = sft_cfg
 
-    def _maker(self, files, p_split: float):
+    def _maker(self, files, train: bool):
         c, tok = self.cfg, self.tokenizer
         examples = self._examples(files)
         if c.masking == "whole_window":
-            rows = pack_documents(example_stream_documents(examples, tok.eos_id), self.max_seq_len,
-                                  eos_id=tok.eos_id, pad_id=tok.pad_id, append_eos=False)
-            return PackedBatchMaker(rows, p_split, self.seed), len(rows)
+            stream = TokenStream.from_documents(example_stream_documents(examples, tok.eos_id))
+            maker = WindowBatchMaker(stream, self.max_seq_len, c.p_split, self.seed, tok.pad_id, train,
+                                     isolate_documents=c.attention == "per_example")
+            return maker, len(maker)
         rows, prompt_lens = response_only_rows(examples, self.max_seq_len, tok.eos_id)
         return ResponseOnlyBatchMaker(rows, prompt_lens, tok.eos_id), len(rows)
 
@@ -153,6 +182,6 @@ class SFTDataModule(_BaseDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self._train_maker is not None:
             return
-        self._train_maker, self._n_train = self._maker(self.cfg.train_files, self.cfg.p_split)
+        self._train_maker, self._n_train = self._maker(self.cfg.train_files, train=True)
         if self.cfg.val_files:
-            self._val_maker, self._n_val = self._maker(self.cfg.val_files, 0.0)
+            self._val_maker, self._n_val = self._maker(self.cfg.val_files, train=False)
