@@ -10,7 +10,6 @@ import torch
 from illada_lightning.data.config import SFTDataConfig
 from illada_lightning.data.corpus import DataFileError
 from illada_lightning.data.datamodule import SFTDataModule
-from illada_lightning.data.stream import pack_documents
 from illada_lightning.data.sft import (
     SFTExamples,
     collate_response_only,
@@ -20,6 +19,7 @@ from illada_lightning.data.sft import (
     response_only_rows,
     truncate_example,
 )
+from illada_lightning.data.stream import pack_documents
 from illada_lightning.data.tokenizer import train_tokenizer_from_iterator
 from illada_lightning.model.attention import check_cu_seqlens
 

@@ -2,22 +2,34 @@
 (`input_ids` [B, L], `cu_seqlens` int32, `max_seqlen` int, `loss_mask` bool [B, L] or None).
 
 Training loaders are `loader.ResumableLoader`s over windows sampled afresh from the token stream every epoch
-(`stream.py`): deterministic for (seed, epoch) and restored mid-epoch by Lightning on resume. Validation loaders give the same batches on every pass, without random-length splits
-(the validation loss is measured on full rows).
+(`stream.py`): deterministic for (seed, epoch) and restored mid-epoch by Lightning on resume, also with another
+number of workers. Validation loaders give the same batches on every pass, without random-length splits (the
+validation loss is measured on full rows).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
 
 import lightning as L
 import numpy as np
 
 from illada_lightning.data.config import DataConfig, SFTDataConfig
-from illada_lightning.data.corpus import load_tokenized_documents
+from illada_lightning.data.corpus import (
+    DataFileError,
+    cache_key,
+    check_data_file,
+    detect_format,
+    resolve_data_path,
+)
 from illada_lightning.data.loader import EpochBatchSampler, EvalLoader, ResumableLoader, seeded_generator
 from illada_lightning.data.packing import collate_packed_rows
+from illada_lightning.data.prepare import prepare_corpus
+from illada_lightning.data.prepared import file_sources, open_prepared
 from illada_lightning.data.sft import (
     collate_response_only,
     example_stream_documents,
@@ -31,6 +43,9 @@ from illada_lightning.data.stream import (
     train_window_starts,
     window_rows,
 )
+from illada_lightning.data.streaming import StreamingLoader, stream_documents
+
+STREAM_BUILDERS = {"jsonl": "json", "parquet": "parquet"}  # `datasets` builders that stream local files
 
 log = logging.getLogger(__name__)
 
@@ -84,13 +99,14 @@ class _BaseDataModule(L.LightningDataModule):
         self.seed, self.num_workers = seed, num_workers
         self._train_maker = self._val_maker = None
         self._n_train = self._n_val = 0
+        self._ready = False  # set by `setup`
 
     def _rank(self) -> tuple[int, int]:
         trainer = getattr(self, "trainer", None)
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
     def train_dataloader(self) -> ResumableLoader:
-        if self._train_maker is None:
+        if not self._ready:
             self.setup("fit")
         rank, world = self._rank()
         sampler = EpochBatchSampler(self._n_train, self.batch_size, seed=self.seed, shuffle=True, rank=rank,
@@ -98,7 +114,7 @@ class _BaseDataModule(L.LightningDataModule):
         return ResumableLoader(sampler, self._train_maker, self.num_workers)
 
     def val_dataloader(self) -> EvalLoader | list:
-        if self._train_maker is None:
+        if not self._ready:
             self.setup("fit")
         if self._val_maker is None:
             return []
@@ -108,43 +124,78 @@ class _BaseDataModule(L.LightningDataModule):
 
 class PretrainDataModule(_BaseDataModule):
     """Windows of `max_seq_len` sampled from the corpus stream (data_cfg.max_seq_len wins when set); documents
-    stay isolated (iLLaDA §2.1)."""
+    stay isolated (iLLaDA §2.1). Every corpus is read from token shards on disk (`prepared.py`): a prepared one
+    (`data.train_corpus`), or the files / hub data set prepared once into `cache_dir`; with `data.streaming`
+    the training windows come from `datasets` streaming instead (`streaming.py`)."""
 
     def __init__(self, data_cfg: DataConfig, tokenizer, max_seq_len: int, batch_size: int, seed: int = 0):
         data_cfg.validate()
         super().__init__(tokenizer, data_cfg.max_seq_len or max_seq_len, batch_size, seed, data_cfg.num_workers)
         self.cfg = data_cfg
 
-    def _stream(self, files, split: str) -> TokenStream:
-        docs = self._tokenized(files, split)
-        stream = TokenStream.from_documents(docs, self.tokenizer.eos_id)
-        log.info("%s: %d documents, %d tokens, windows of %d", split, len(docs), stream.n_tokens, self.max_seq_len)
-        return stream
-
-    def _tokenized(self, files, split: str) -> list[np.ndarray]:
+    def _has(self, split: str) -> bool:
         c = self.cfg
-        return load_tokenized_documents(files, self.tokenizer, fmt=c.format, text_field=c.text_field,
-                                        text_unit=c.text_unit, hub_name=c.hub_name, hub_split=split,
-                                        cache_dir=c.cache_dir)
+        return bool(c.train_corpus or c.train_files if split == "train" else c.val_corpus or c.val_files) \
+            or c.hub_name is not None
+
+    def _corpus_dir(self, split: str) -> Path:
+        """The split's prepared corpus, preparing it into the cache first when it is not given (a no-op once done)."""
+        c = self.cfg
+        given = c.train_corpus if split == "train" else c.val_corpus
+        if given:
+            return resolve_data_path(given)
+        files = [] if c.hub_name is not None else (c.train_files if split == "train" else c.val_files)
+        sources = json.dumps([c.hub_name, split] if c.hub_name is not None else file_sources(files))
+        key = cache_key(sources, c.format, c.text_field, c.text_unit, self.tokenizer.fingerprint())
+        out = Path(c.cache_dir) / f"corpus-{key}"
+        prepare_corpus(out, self.tokenizer, files=files, hub_name=c.hub_name, hub_split=split, fmt=c.format,
+                       text_field=c.text_field, text_unit=c.text_unit, num_proc=c.num_proc)
+        return out
+
+    def _stream(self, split: str) -> TokenStream:
+        stream = open_prepared(self._corpus_dir(split), self.tokenizer)
+        log.info("%s: %d tokens in %d shards, windows of %d", split, stream.n_tokens, len(stream.shards),
+                 self.max_seq_len)
+        return stream
 
     def _maker(self, stream: TokenStream, train: bool) -> WindowBatchMaker:
         return WindowBatchMaker(stream, self.max_seq_len, self.cfg.p_split, self.seed, self.tokenizer.pad_id, train)
 
     def prepare_data(self) -> None:
-        """Tokenise into the cache once (Lightning runs this on one process; `setup` then reads the cache)."""
-        self._tokenized(self.cfg.train_files, "train")
-        if self.cfg.val_files or self.cfg.hub_name is not None:
-            self._tokenized(self.cfg.val_files, "validation")
+        """Prepare the corpora once (Lightning runs this on one process per node; `setup` then opens them)."""
+        for split in ("train", "validation"):
+            if self._has(split) and not (split == "train" and self.cfg.streaming):
+                self._corpus_dir(split)
 
     def setup(self, stage: str | None = None) -> None:
-        if self._train_maker is not None:
+        if self._ready:
             return
-        self.train_stream = self._stream(self.cfg.train_files, "train")
-        self._train_maker = self._maker(self.train_stream, train=True)
-        self._n_train = len(self._train_maker)
-        if self.cfg.val_files or self.cfg.hub_name is not None:
-            self._val_maker = self._maker(self._stream(self.cfg.val_files, "validation"), train=False)
+        if not self.cfg.streaming:
+            self.train_stream = self._stream("train")
+            self._train_maker = self._maker(self.train_stream, train=True)
+            self._n_train = len(self._train_maker)
+        if self._has("validation"):
+            self._val_maker = self._maker(self._stream("validation"), train=False)
             self._n_val = len(self._val_maker)
+        self._ready = True
+
+    def train_dataloader(self):
+        if not self.cfg.streaming:
+            return super().train_dataloader()
+        c = self.cfg
+        rank, world = self._rank()
+        if c.hub_name is not None:
+            source, files = c.hub_name, None
+        else:
+            kinds = {detect_format(f, c.format) for f in c.train_files}
+            if not kinds <= set(STREAM_BUILDERS):
+                raise DataFileError(f"data.streaming reads jsonl or parquet train_files (or data.hub_name), got "
+                                    f"{sorted(kinds)} files: prepare text files instead (data.streaming=false)")
+            source, files = STREAM_BUILDERS[kinds.pop()], [str(check_data_file(f)) for f in c.train_files]
+        open_stream = partial(stream_documents, source, "train", c.text_field, data_files=files, rank=rank,
+                              world_size=world)
+        return StreamingLoader(open_stream, self.tokenizer, self.max_seq_len, self.batch_size, p_split=c.p_split,
+                               seed=self.seed)
 
 
 class SFTDataModule(_BaseDataModule):
@@ -180,8 +231,9 @@ class SFTDataModule(_BaseDataModule):
                 self._examples(files)
 
     def setup(self, stage: str | None = None) -> None:
-        if self._train_maker is not None:
+        if self._ready:
             return
         self._train_maker, self._n_train = self._maker(self.cfg.train_files, train=True)
         if self.cfg.val_files:
             self._val_maker, self._n_val = self._maker(self.cfg.val_files, train=False)
+        self._ready = True

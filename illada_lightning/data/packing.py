@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+
 @dataclass
 class PackedRows:
     """`n_rows` rows of `max_seq_len` tokens with their document boundaries."""
