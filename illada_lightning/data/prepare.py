@@ -52,6 +52,7 @@ def tokenized_file_batches(files, tokenizer, *, fmt, text_field, text_unit, num_
     """Every file's documents tokenised in `num_proc` processes, as (flat ids, offsets) batches."""
     for k, path in enumerate(files):
         ds = read_documents([path], fmt, text_field, text_unit)
+        ds = ds.filter(lambda texts: [bool(t.strip()) for t in texts], input_columns="text", batched=True)
         procs = min(num_proc, max(len(ds) // ENCODE_BATCH, 1))
         tokens = ds.map(lambda batch: {"ids": tokenizer.encode_batch(batch["text"])}, batched=True,
                         batch_size=ENCODE_BATCH, num_proc=procs if procs > 1 else None, remove_columns=["text"],

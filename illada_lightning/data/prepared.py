@@ -157,18 +157,20 @@ class ShardWriter:
         self._files = tuple(open(self.directory / self.shards[-1][k], "wb") for k in ("tokens_file", "docs_file"))
 
     def write(self, values: np.ndarray, offsets: np.ndarray, eos_id: int) -> None:
-        if len(offsets) <= 1:
-            return
-        if self._files is None:
-            self._open()
-        shard = self.shards[-1]
         ids, starts = with_eos(values, offsets.astype(np.int64), eos_id, self.dtype)
-        self._files[0].write(ids.tobytes())
-        self._files[1].write((starts + shard["tokens"]).astype("<i8").tobytes())
-        shard["tokens"] += len(ids)
-        shard["documents"] += len(starts)
-        if shard["tokens"] >= self.shard_tokens:
-            self.close()
+        while len(starts):  # a shard ends at the first document boundary past `shard_tokens`
+            if self._files is None:
+                self._open()
+            shard = self.shards[-1]
+            k = max(int(np.searchsorted(starts, self.shard_tokens - shard["tokens"], "left")), 1)
+            cut = int(starts[k]) if k < len(starts) else len(ids)
+            self._files[0].write(ids[:cut].tobytes())
+            self._files[1].write((starts[:k] + shard["tokens"]).astype("<i8").tobytes())
+            shard["tokens"] += cut
+            shard["documents"] += k
+            ids, starts = ids[cut:], starts[k:] - cut
+            if shard["tokens"] >= self.shard_tokens:
+                self.close()
 
     def close(self) -> None:
         if self._files is not None:
@@ -203,6 +205,7 @@ def write_corpus(out: Path, wanted: dict, batches: Iterable[tuple[np.ndarray, np
     """Write the shards of `batches` ((flat ids, offsets) per batch of documents), then the manifest."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the corpus is meant to be shared
     try:
         dtype = token_dtype(tokenizer.vocab_size)
         writer = ShardWriter(tmp, dtype, shard_tokens)

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import datasets
+from datasets.distributed import split_dataset_by_node
 import numpy as np
 
 from illada_lightning.data.corpus import DataFileError
@@ -42,7 +43,7 @@ def stream_documents(source: str, split: str, text_field: str = "text", *, data_
         raise DataFileError(f"streamed data set {source!r} ({split}): no column {text_field!r} "
                             f"(columns: {ds.column_names})")
     if world_size > 1:
-        ds = datasets.distributed.split_dataset_by_node(ds, rank=rank, world_size=world_size)
+        ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
     return ds.select_columns([text_field]).rename_column(text_field, "text") if text_field != "text" else ds
 
 
