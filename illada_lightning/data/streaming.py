@@ -20,8 +20,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import datasets
-from datasets.distributed import split_dataset_by_node
 import numpy as np
+from datasets.distributed import split_dataset_by_node
 
 from illada_lightning.data.corpus import DataFileError
 from illada_lightning.data.loader import seeded_generator
