@@ -53,14 +53,18 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def rss_mb(who=resource.RUSAGE_SELF) -> float:
-    """Peak resident memory so far (Linux ru_maxrss is in KiB)."""
-    return resource.getrusage(who).ru_maxrss / 1024.0
+def proc_status_mb(field: str, pid: int | str = "self") -> float:
+    """VmRSS (now) or VmHWM (peak) of a process in MB. VmHWM starts afresh at exec, unlike ru_maxrss, which
+    Linux carries over from the parent that started the process."""
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(f"{field}:")) / 1024.0
 
 
-def current_rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024.0
+def child_pids() -> list[int]:
+    pids = []
+    for task in Path("/proc/self/task").iterdir():
+        pids += [int(p) for p in (task / "children").read_text().split()]
+    return pids
 
 
 def make_sources(files, work: Path, target_tokens: int, tokenizer) -> tuple[list[Path], int]:
@@ -98,7 +102,7 @@ def repeat_corpus(src: Path, dst: Path, factor: int) -> dict:
 
 def measure_loader(corpus: Path, tokenizer_dir: Path, args) -> dict:
     """In this (fresh) process: open the corpus and time `args.batches` training batches."""
-    baseline = current_rss_mb()  # the interpreter, torch, datasets, lightning: before any data is touched
+    baseline = proc_status_mb("VmRSS")  # the interpreter, torch, datasets, lightning: before any data is touched
     tokenizer = Tokenizer.load(tokenizer_dir)
     stream = open_prepared(corpus, tokenizer)
     maker = WindowBatchMaker(stream, args.window, 0.3, 0, tokenizer.pad_id, train=True)
@@ -111,11 +115,13 @@ def measure_loader(corpus: Path, tokenizer_dir: Path, args) -> dict:
         batch = next(it)
         n_tokens += batch["input_ids"].numel()
     seconds = time.perf_counter() - began
+    workers = [proc_status_mb("VmHWM", pid) for pid in child_pids()]  # before the workers exit
     it.close()
+    peak = proc_status_mb("VmHWM")
     return {"corpus_tokens": stream.n_tokens, "loader_tokens_per_s": n_tokens / seconds, "seconds": seconds,
-            "tokens_read": n_tokens, "peak_rss_mb": rss_mb(), "baseline_rss_mb": baseline,
-            "data_path_rss_mb": rss_mb() - baseline,
-            "peak_worker_rss_mb": rss_mb(resource.RUSAGE_CHILDREN) if args.workers[0] else None}
+            "tokens_read": n_tokens, "peak_rss_mb": peak, "baseline_rss_mb": baseline,
+            "data_path_rss_mb": peak - baseline, "load_average_1m": os.getloadavg()[0],
+            "peak_worker_rss_mb": max(workers) if workers else None, "n_worker_processes": len(workers)}
 
 
 def child_measurement(corpus: Path, tokenizer_dir: Path, workers: int, args) -> dict:
@@ -138,18 +144,23 @@ def main(argv=None) -> list[dict]:
     tokenizer.save(work / "tokenizer")
     sources, copies = make_sources(args.files, work, args.real_tokens, tokenizer)
     real = work / "corpus-real"
+    reused = (real / MANIFEST).is_file()  # a second run re-measures the loader only
     began = time.perf_counter()
     manifest = prepare_corpus(real, tokenizer, files=sources, num_proc=args.num_proc)
     prep_s = time.perf_counter() - began
     common = {"bench": "data", "commit": git_commit(), "cpu_cores": os.cpu_count(), "window": args.window,
               "batch_size": args.batch_size, "source": [Path(f).name for f in args.files]}
-    rows = [{**common, "kind": "prepare", "corpus_tokens": manifest["tokens"], "workers": args.num_proc,
-             "documents": manifest["documents"], "prepare_s": prep_s, "source_copies": copies,
-             "tokens_per_s": manifest["tokens"] / prep_s,
-             "tokens_per_s_per_core": manifest["tokens"] / prep_s / args.num_proc,
-             "disk_bytes_per_token": manifest["bytes"] / manifest["tokens"], "loader_tokens_per_s": None,
-             "peak_rss_mb": rss_mb(), "peak_worker_rss_mb": rss_mb(resource.RUSAGE_CHILDREN)}]
-    emit(rows[-1], args.out)
+    rows = []
+    if not reused:
+        rows.append({**common, "kind": "prepare", "corpus_tokens": manifest["tokens"], "workers": args.num_proc,
+                     "documents": manifest["documents"], "prepare_s": prep_s, "source_copies": copies,
+                     "tokens_per_s": manifest["tokens"] / prep_s,
+                     "tokens_per_s_per_core": manifest["tokens"] / prep_s / args.num_proc,
+                     "disk_bytes_per_token": manifest["bytes"] / manifest["tokens"], "loader_tokens_per_s": None,
+                     "peak_rss_mb": proc_status_mb("VmHWM"),
+                     "peak_worker_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0,
+                     "load_average_1m": os.getloadavg()[0]})
+        emit(rows[-1], args.out)
     factor = max(1, round(args.total_tokens / manifest["tokens"]))
     corpora = [(real, 1), (work / "corpus-repeated", factor)] if factor > 1 else [(real, 1)]
     if factor > 1:

@@ -176,3 +176,20 @@ def test_streamed_ranks_read_disjoint_documents(parquet_shards):
                                     world_size=2)) for r in (0, 1)]
     texts = [{d["text"] for d in share} for share in shares]
     assert texts[0] and texts[1] and not texts[0] & texts[1] and texts[0] | texts[1] == set(docs)
+
+
+def test_data_config_refuses_bad_corpus_keys():
+    with pytest.raises(ValueError, match="data.streaming: .* cannot be combined with data.train_corpus"):
+        DataConfig(train_corpus="corpora/x", streaming=True).validate()
+    with pytest.raises(ValueError, match="data.num_proc: must be >= 1, got 0"):
+        DataConfig(num_proc=0).validate()
+    with pytest.raises(ValueError, match="data.train_files: is empty and neither data.hub_name nor data.train_corpus"):
+        DataConfig(train_files=[]).validate()
+    DataConfig(train_files=[], train_corpus="corpora/x").validate()
+
+
+def test_streaming_refuses_plain_text_files(corpus):
+    root, tok = corpus
+    cfg = DataConfig(train_files=[str(root / "a.txt")], val_files=[], streaming=True)
+    with pytest.raises(DataFileError, match="data.streaming reads jsonl or parquet train_files"):
+        PretrainDataModule(cfg, tok, max_seq_len=32, batch_size=2).train_dataloader()
