@@ -108,7 +108,7 @@ def measure_loader(corpus: Path, tokenizer_dir: Path, args) -> dict:
     maker = WindowBatchMaker(stream, args.window, 0.3, 0, tokenizer.pad_id, train=True)
     sampler = EpochBatchSampler(len(maker), args.batch_size, seed=0)
     loader = ResumableLoader(sampler, maker, args.workers[0])
-    it = iter(loader)
+    it = (batch for _ in iter(int, 1) for batch in loader)  # epoch after epoch (workers restart per epoch)
     next(it)  # workers started, first batch built
     began, n_tokens = time.perf_counter(), 0
     for _ in range(args.batches):
@@ -128,8 +128,10 @@ def child_measurement(corpus: Path, tokenizer_dir: Path, workers: int, args) -> 
     cmd = [sys.executable, "-m", "benchmarks.data_bench", "--measure", str(corpus), "--work", args.work,
            "--window", str(args.window), "--batch-size", str(args.batch_size), "--batches", str(args.batches),
            "--workers", str(workers)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ}).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"loader measurement failed ({' '.join(cmd)}):\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main(argv=None) -> list[dict]:
