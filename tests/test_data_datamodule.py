@@ -71,15 +71,11 @@ def test_batches_follow_the_contract(corpus):
 
 
 def window_starts_of(dm, loader_batches):
-    """Stream offset of every training row: found by matching the row's tokens in the (wrapped) stream."""
+    """Stream offsets of every training row: where the row's tokens occur in the (wrapped) stream."""
     stream, _ = dm.train_stream.read(0, dm.train_stream.n_tokens)
-    wrapped = np.concatenate([stream, stream[:32]])
-    starts = []
-    for b in loader_batches:
-        for row in b["input_ids"].numpy():
-            hits = [s for s in range(len(stream)) if np.array_equal(wrapped[s : s + 32], row)]
-            starts.append(hits)
-    return starts
+    views = np.lib.stride_tricks.sliding_window_view(np.concatenate([stream, stream[:32]]), 32)[: len(stream)]
+    return [np.flatnonzero((views == row).all(axis=1)).tolist()
+            for b in loader_batches for row in b["input_ids"].numpy()]
 
 
 def test_windows_cut_afresh_every_epoch(corpus):
