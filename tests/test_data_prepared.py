@@ -193,3 +193,35 @@ def test_streaming_refuses_plain_text_files(corpus):
     cfg = DataConfig(train_files=[str(root / "a.txt")], val_files=[], streaming=True)
     with pytest.raises(DataFileError, match="data.streaming reads jsonl or parquet train_files"):
         PretrainDataModule(cfg, tok, max_seq_len=32, batch_size=2).train_dataloader()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_lightning_resumes_a_stream_exactly(parquet_shards, tmp_path):
+    """Lightning fetches one batch ahead of a loader without a length: the saved position must count the
+    batches trained on, also when the checkpoint falls on an epoch's last step."""
+    import lightning as L
+
+    from tests.test_data_datamodule import Recorder
+
+    paths, _, tok = parquet_shards
+    cfg = DataConfig(train_files=[str(paths[0])], val_files=[], text_field="body", streaming=True)
+
+    def fit(root, max_steps, ckpt_path=None):
+        model = Recorder()
+        trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=False,
+                            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                            default_root_dir=root, enable_checkpointing=ckpt_path is None,
+                            callbacks=[L.pytorch.callbacks.ModelCheckpoint(
+                                dirpath=root, every_n_train_steps=1, save_top_k=-1, filename="{step}")]
+                            if ckpt_path is None else [])
+        trainer.fit(model, datamodule=PretrainDataModule(cfg, tok, max_seq_len=64, batch_size=4, seed=12),
+                    ckpt_path=ckpt_path)
+        return [ids for ids, _ in model.seen]
+
+    epoch_len = sum(1 for _ in PretrainDataModule(cfg, tok, max_seq_len=64, batch_size=4, seed=12).train_dataloader())
+    assert 3 < epoch_len < 12
+    full = fit(tmp_path / "full", epoch_len + 3)
+    for step in (2, epoch_len - 1, epoch_len):
+        resumed = fit(tmp_path / f"from{step}", epoch_len + 3, str(tmp_path / "full" / f"step={step}.ckpt"))
+        assert len(resumed) == len(full) - step
+        assert all(torch.equal(a, b) for a, b in zip(resumed, full[step:]))

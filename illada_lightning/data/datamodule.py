@@ -194,8 +194,18 @@ class PretrainDataModule(_BaseDataModule):
             source, files = STREAM_BUILDERS[kinds.pop()], [str(check_data_file(f)) for f in c.train_files]
         open_stream = partial(stream_documents, source, "train", c.text_field, data_files=files, rank=rank,
                               world_size=world)
-        return StreamingLoader(open_stream, self.tokenizer, self.max_seq_len, self.batch_size, p_split=c.p_split,
-                               seed=self.seed)
+        self._streaming_loader = StreamingLoader(open_stream, self.tokenizer, self.max_seq_len, self.batch_size,
+                                                 p_split=c.p_split, seed=self.seed)
+        return self._streaming_loader
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """Lightning calls this for the batch a step is about to use: the streaming loader counts it (see
+        `StreamingLoader.consume`)."""
+        trainer = getattr(self, "trainer", None)
+        loader = getattr(self, "_streaming_loader", None)
+        if loader is not None and trainer is not None and trainer.training:
+            loader.consume()
+        return batch
 
 
 class SFTDataModule(_BaseDataModule):

@@ -8,9 +8,11 @@ world size, else every world_size-th record), so ranks read disjoint documents.
 `StreamingLoader` tokenises the rank's documents as they arrive and cuts consecutive windows of `window`
 tokens from them, documents isolated by `cu_seqlens` and the random-length split applied as for the prepared
 corpus. A stream is read in order, so each pass (epoch) starts its windows after a random number of tokens in
-[0, window) drawn from (seed, epoch): the cut points move every epoch. Its state is (epoch, batches yielded);
+[0, window) drawn from (seed, epoch): the cut points move every epoch. Its state is (epoch, batches trained on);
 resume reads the stream again and skips that many batches, which is exact because tokenisation and the cut
-are deterministic, and independent of worker counts (batches are built in the training process). Resident
+are deterministic, and independent of worker counts (batches are built in the training process). A stream has
+no length, so Lightning's fetcher takes one batch ahead of the step; the datamodule reports every batch the
+trainer actually takes (`consume`), and the saved position counts those, not the ones yielded. Resident
 memory: one tokenised batch of documents plus the windows of one batch.
 """
 
@@ -80,7 +82,10 @@ class StreamingLoader:
     def __init__(self, open_stream, tokenizer, window: int, batch_size: int, *, p_split: float, seed: int):
         self.open_stream, self.tokenizer, self.window = open_stream, tokenizer, window
         self.batch_size, self.p_split, self.seed = batch_size, p_split, seed
-        self.epoch, self.position = 0, 0
+        self.epoch, self.position = 0, 0  # position: batches yielded in `epoch`
+        self._ahead = 0  # batches yielded but not yet taken by the trainer (counted once `consume` is called)
+        self._reported = False
+        self._last_epoch_len = 0
 
     def _batches(self, epoch: int) -> Iterator[dict]:
         skip = epoch_offset(self.seed, epoch, self.window)
@@ -105,11 +110,21 @@ class StreamingLoader:
             if i < skip:
                 continue
             self.position = i + 1
+            self._ahead += 1
             yield batch
-        self.epoch, self.position = epoch + 1, 0
+        self.epoch, self.position, self._last_epoch_len = epoch + 1, 0, self.position
+
+    def consume(self) -> None:
+        """The trainer took one more batch for a step (called from the datamodule's batch hook)."""
+        self._ahead, self._reported = self._ahead - 1, True
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "batch_size": self.batch_size,
+        epoch, position, ahead = self.epoch, self.position, max(self._ahead, 0) if self._reported else 0
+        if ahead > position:  # the batches still ahead of the trainer end the previous epoch
+            epoch, position = epoch - 1, self._last_epoch_len - (ahead - position)
+        else:
+            position -= ahead
+        return {"epoch": epoch, "position": position, "seed": self.seed, "batch_size": self.batch_size,
                 "window": self.window}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -118,3 +133,4 @@ class StreamingLoader:
                 raise ValueError(f"cannot resume the streaming loader: checkpoint has {key}={state[key]}, "
                                  f"this run has {key}={getattr(self, key)}")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._ahead, self._reported = 0, False
