@@ -192,7 +192,7 @@ def test_streaming_refuses_plain_text_files(corpus):
     root, tok = corpus
     cfg = DataConfig(train_files=[str(root / "a.txt")], val_files=[], streaming=True)
     with pytest.raises(DataFileError, match="data.streaming reads jsonl or parquet train_files"):
-        PretrainDataModule(cfg, tok, max_seq_len=32, batch_size=2).train_dataloader()
+        PretrainDataModule(cfg, tok, max_seq_len=32, batch_size=2).setup("fit")  # before training starts
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")

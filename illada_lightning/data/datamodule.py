@@ -170,7 +170,9 @@ class PretrainDataModule(_BaseDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self._ready:
             return
-        if not self.cfg.streaming:
+        if self.cfg.streaming:
+            self._stream_source()  # bad files are refused now, before training
+        else:
             self.train_stream = self._stream("train")
             self._train_maker = self._maker(self.train_stream, train=True)
             self._n_train = len(self._train_maker)
@@ -179,19 +181,23 @@ class PretrainDataModule(_BaseDataModule):
             self._n_val = len(self._val_maker)
         self._ready = True
 
+    def _stream_source(self) -> tuple[str, list[str] | None]:
+        """The `datasets` source streamed for training: the hub name, or a builder with the local files."""
+        c = self.cfg
+        if c.hub_name is not None:
+            return c.hub_name, None
+        kinds = {detect_format(f, c.format) for f in c.train_files}
+        if len(kinds) != 1 or not kinds <= set(STREAM_BUILDERS):
+            raise DataFileError(f"data.streaming reads jsonl or parquet train_files (one format) or data.hub_name, "
+                                f"got {sorted(kinds)} files: prepare them instead (data.streaming=false)")
+        return STREAM_BUILDERS[kinds.pop()], [str(check_data_file(f)) for f in c.train_files]
+
     def train_dataloader(self):
         if not self.cfg.streaming:
             return super().train_dataloader()
         c = self.cfg
         rank, world = self._rank()
-        if c.hub_name is not None:
-            source, files = c.hub_name, None
-        else:
-            kinds = {detect_format(f, c.format) for f in c.train_files}
-            if not kinds <= set(STREAM_BUILDERS):
-                raise DataFileError(f"data.streaming reads jsonl or parquet train_files (or data.hub_name), got "
-                                    f"{sorted(kinds)} files: prepare text files instead (data.streaming=false)")
-            source, files = STREAM_BUILDERS[kinds.pop()], [str(check_data_file(f)) for f in c.train_files]
+        source, files = self._stream_source()
         open_stream = partial(stream_documents, source, "train", c.text_field, data_files=files, rank=rank,
                               world_size=world)
         self._streaming_loader = StreamingLoader(open_stream, self.tokenizer, self.max_seq_len, self.batch_size,
