@@ -170,6 +170,17 @@ def test_streamed_parquet_gives_the_prepared_tokens(parquet_shards, tmp_path):
     assert all(same(a, b) for a, b in zip(resumed, batches[2:]))
 
 
+def test_hub_preparation_streams_the_same_tokens(parquet_shards, tmp_path):
+    """The hub path (datasets streaming, nothing downloaded first) run offline on local parquet shards."""
+    paths, _, tok = parquet_shards
+    from_files = prepare_corpus(tmp_path / "files", tok, files=paths, text_field="body")
+    from_stream = prepare_corpus(tmp_path / "hub", tok, hub_name="parquet", hub_data_files=paths, text_field="body")
+    assert from_stream["tokens"] == from_files["tokens"] and from_stream["documents"] == from_files["documents"]
+    a, b = open_prepared(tmp_path / "files", tok), open_prepared(tmp_path / "hub", tok)
+    for x, y in zip(a.read(0, a.n_tokens), b.read(0, b.n_tokens)):
+        np.testing.assert_array_equal(x, y)
+
+
 def test_streamed_ranks_read_disjoint_documents(parquet_shards):
     paths, docs, _ = parquet_shards
     shares = [list(stream_documents("parquet", "train", "body", data_files=[str(p) for p in paths], rank=r,

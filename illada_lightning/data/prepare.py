@@ -68,17 +68,22 @@ def prepare_corpus(
     files: Sequence[str | Path] = (),
     hub_name: str | None = None,
     hub_split: str = "train",
+    hub_data_files: Sequence[str | Path] | None = None,
     fmt: str = "auto",
     text_field: str = "text",
     text_unit: str = "auto",
     num_proc: int = 1,
     shard_tokens: int = DEFAULT_SHARD_TOKENS,
 ) -> dict:
-    """Tokenise `files` (or the hub data set `hub_name`) into `out_dir`; returns the manifest (see module doc)."""
+    """Tokenise `files` (or the hub data set `hub_name`) into `out_dir`; returns the manifest (see module doc).
+    `hub_data_files` streams local files through a `datasets` builder named by `hub_name` ("parquet", "json")."""
     out = Path(out_dir)
     if hub_name is None and not files:
         raise DataFileError("nothing to prepare: give data files or a hub name")
-    sources = [{"hub": hub_name, "split": hub_split}] if hub_name is not None else file_sources(files)
+    if hub_name is None:
+        sources = file_sources(files)
+    else:
+        sources = [{"hub": hub_name, "split": hub_split, "data_files": [str(f) for f in hub_data_files or []]}]
     wanted = {"format_version": FORMAT_VERSION, "tokenizer_fingerprint": tokenizer.fingerprint(), "sources": sources,
               "options": {"format": fmt, "text_field": text_field, "text_unit": text_unit}}
     if (out / MANIFEST).is_file():
@@ -93,7 +98,9 @@ def prepare_corpus(
     began = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="illada-prepare-") as tmp_dir:
         if hub_name is not None:
-            batches = streamed_token_batches(stream_documents(hub_name, hub_split, text_field), tokenizer)
+            data_files = [str(f) for f in hub_data_files] if hub_data_files else None
+            docs = stream_documents(hub_name, hub_split, text_field, data_files=data_files)
+            batches = streamed_token_batches(docs, tokenizer)
         else:
             batches = tokenized_file_batches(list(files), tokenizer, fmt=fmt, text_field=text_field,
                                              text_unit=text_unit, num_proc=num_proc, tmp_dir=tmp_dir)
