@@ -30,7 +30,7 @@ from illada_lightning.data.tokenizer import build_tokenizer
 class PrepareConfig:
     out: str = ""  # the corpus directory to write
     files: list[str] = field(default_factory=list)  # text / jsonl / parquet files, in order
-    hub_name: str | None = None  # a `datasets` hub name, streamed (replaces files)
+    hub_name: str | None = None  # a `datasets` hub name, streamed; with files: a builder ("parquet") streaming them
     split: str = "train"  # hub split
     format: str = "auto"
     text_field: str = "text"
@@ -65,9 +65,11 @@ def main(argv: list[str]) -> dict:
         tokenizer = build_tokenizer(cfg.tokenizer, [], cache_dir=cfg.cache_dir)
     else:
         raise ValueError("a hub corpus needs tokenizer.path= (a tokenizer is trained on local files only)")
-    manifest = prepare_corpus(cfg.out, tokenizer, files=cfg.files, hub_name=cfg.hub_name,
-                              hub_split=cfg.split, fmt=cfg.format, text_field=cfg.text_field,
-                              text_unit=cfg.text_unit, num_proc=cfg.num_proc, shard_tokens=cfg.shard_tokens)
+    hub = cfg.hub_name is not None
+    manifest = prepare_corpus(cfg.out, tokenizer, files=[] if hub else cfg.files, hub_name=cfg.hub_name,
+                              hub_data_files=cfg.files if hub else None, hub_split=cfg.split, fmt=cfg.format,
+                              text_field=cfg.text_field, text_unit=cfg.text_unit, num_proc=cfg.num_proc,
+                              shard_tokens=cfg.shard_tokens)
     print(f"{cfg.out}: {manifest['documents']} documents, {manifest['tokens']} tokens, "
           f"{len(manifest['shards'])} shards, {manifest['bytes']} bytes "
           f"(tokenizer {manifest['tokenizer_fingerprint'][:12]})")

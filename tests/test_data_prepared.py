@@ -236,3 +236,18 @@ def test_lightning_resumes_a_stream_exactly(parquet_shards, tmp_path):
         resumed = fit(tmp_path / f"from{step}", epoch_len + 3, str(tmp_path / "full" / f"step={step}.ckpt"))
         assert len(resumed) == len(full) - step
         assert all(torch.equal(a, b) for a, b in zip(resumed, full[step:]))
+
+
+def test_prepare_data_cli(corpus, tmp_path, capsys):
+    from experiments import prepare_data
+
+    root, _ = corpus
+    args = [f"out={tmp_path / 'cli'}", f"files=[{root / 'a.txt'}]", "tokenizer.vocab_size=300",
+            f"cache_dir={tmp_path / 'cache'}", "shard_tokens=2000"]
+    first = prepare_data.main(args)
+    assert first["documents"] == 250 and len(first["shards"]) > 1
+    assert "train with: pretrain.data.train_corpus=" in capsys.readouterr().out
+    mtime = (tmp_path / "cli" / MANIFEST).stat().st_mtime_ns
+    assert prepare_data.main(args) == first and (tmp_path / "cli" / MANIFEST).stat().st_mtime_ns == mtime
+    with pytest.raises(ValueError, match="out= is required"):
+        prepare_data.main([f"files=[{root / 'a.txt'}]"])
