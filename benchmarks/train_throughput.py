@@ -30,7 +30,8 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
-from illada_lightning.data.packing import PackedRows, collate_packed_rows, pack_documents
+from illada_lightning.data.packing import PackedRows, collate_packed_rows
+from illada_lightning.data.stream import pack_documents
 from illada_lightning.diffusion.objective import DiffusionConfig
 from illada_lightning.model.config import get_preset
 from illada_lightning.model.flops import training_flops

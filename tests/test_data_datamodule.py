@@ -54,7 +54,8 @@ def test_batches_follow_the_contract(corpus):
     dm = datamodule(corpus)
     loader = dm.train_dataloader()
     batches = list(loader)
-    assert len(batches) == len(loader) == -(-len(dm.train_rows) // 4)
+    n_windows = dm.train_stream.n_tokens // 32
+    assert len(batches) == len(loader) == -(-n_windows // 4)
     for b in batches:
         assert set(b) == {"input_ids", "cu_seqlens", "max_seqlen", "loss_mask"}
         B, Lr = b["input_ids"].shape
@@ -64,9 +65,39 @@ def test_batches_follow_the_contract(corpus):
         assert isinstance(b["max_seqlen"], int)
         assert b["max_seqlen"] == int((b["cu_seqlens"][1:] - b["cu_seqlens"][:-1]).max())
         assert b["loss_mask"] is None or (b["loss_mask"].dtype == torch.bool and b["loss_mask"].shape == (B, Lr))
-    # an epoch visits every row once
-    n_tokens = sum(int(b["input_ids"].ne(corpus[1].pad_id).sum()) for b in batches)
-    assert n_tokens == int(dm.train_rows.n_real.sum())
+    # an epoch is N // L full windows (no padding), each window once
+    assert all(b["loss_mask"] is None for b in batches)
+    assert sum(b["input_ids"].shape[0] for b in batches) == n_windows
+
+
+def window_starts_of(dm, loader_batches):
+    """Stream offsets of every training row: where the row's tokens occur in the (wrapped) stream."""
+    stream, _ = dm.train_stream.read(0, dm.train_stream.n_tokens)
+    views = np.lib.stride_tricks.sliding_window_view(np.concatenate([stream, stream[:32]]), 32)[: len(stream)]
+    return [np.flatnonzero((views == row).all(axis=1)).tolist()
+            for b in loader_batches for row in b["input_ids"].numpy()]
+
+
+def test_windows_cut_afresh_every_epoch(corpus):
+    """Issue 11.3: each epoch's windows start at a new random offset into the stream (seeded by seed, epoch)."""
+    dm = datamodule(corpus, p_split=0.0)
+    loader = dm.train_dataloader()
+    epochs = [list(loader) for _ in range(3)]
+    n = dm.train_stream.n_tokens
+    cuts = []
+    for batches in epochs:
+        starts = window_starts_of(dm, batches)
+        assert all(len(h) == 1 for h in starts)  # every row is one stretch of the (wrapped) stream
+        starts = sorted(h[0] for h in starts)
+        assert len(starts) == n // 32
+        # the windows are one cut of the stream: consecutive, L apart, from one offset (mod N)
+        gaps = np.diff(np.array(starts + [starts[0] + n]))
+        assert sorted(gaps.tolist())[:-1] == [32] * (len(starts) - 1)
+        cuts.append(frozenset(starts))
+    assert len(set(cuts)) == 3  # three epochs, three different sets of row boundaries
+    again = datamodule(corpus, p_split=0.0).train_dataloader()
+    again.sampler.set_epoch(2)
+    assert all(same(x, y) for x, y in zip(epochs[2], again))  # deterministic for (seed, epoch)
 
 
 def test_deterministic_per_seed_and_epoch(corpus):

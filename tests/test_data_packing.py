@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from illada_lightning.data.packing import collate_packed_rows, pack_documents, random_split_points
+from illada_lightning.data.packing import collate_packed_rows, random_split_points
+from illada_lightning.data.stream import pack_documents
 from illada_lightning.model.attention import check_cu_seqlens
 
 EOS, PAD = 2, 0
@@ -73,7 +74,7 @@ def test_full_rows_have_no_loss_mask():
 
 def test_long_document_split_across_rows_not_dropped(caplog):
     docs = [np.arange(10, 60, dtype=np.int32), np.array([7, 8], dtype=np.int32)]  # 51 tokens at L=16
-    with caplog.at_level(logging.INFO, logger="illada_lightning.data.packing"):
+    with caplog.at_level(logging.INFO, logger="illada_lightning.data.stream"):
         rows = pack_documents(docs, 16, eos_id=EOS, pad_id=PAD)
     assert rows.n_long_docs == 1
     assert "1 of 2 documents are longer than max_seq_len=16" in caplog.text

@@ -10,7 +10,6 @@ import torch
 from illada_lightning.data.config import SFTDataConfig
 from illada_lightning.data.corpus import DataFileError
 from illada_lightning.data.datamodule import SFTDataModule
-from illada_lightning.data.packing import pack_documents
 from illada_lightning.data.sft import (
     SFTExamples,
     collate_response_only,
@@ -20,6 +19,7 @@ from illada_lightning.data.sft import (
     response_only_rows,
     truncate_example,
 )
+from illada_lightning.data.stream import pack_documents
 from illada_lightning.data.tokenizer import train_tokenizer_from_iterator
 from illada_lightning.model.attention import check_cu_seqlens
 
@@ -95,9 +95,9 @@ def test_whole_window_stream_order_and_one_eos_per_example(tok, sft_file):
     assert text == "".join(p + r + "<|eos|>" for p, r in pairs)  # prompt + response + EOS, in file order
 
 
-def test_whole_window_batches_masked_whole(tok, sft_file, tmp_path):
+def test_whole_window_per_example_segments_end_at_eos(tok, sft_file, tmp_path):
     cfg = SFTDataConfig(train_files=[str(sft_file)], val_files=[], masking="whole_window", p_split=0.0,
-                        cache_dir=str(tmp_path / "c"))
+                        attention="per_example", cache_dir=str(tmp_path / "c"))
     dm = SFTDataModule(cfg, tok, max_seq_len=16, batch_size=2)
     batches = list(dm.train_dataloader())
     assert len(batches) == len(dm.train_dataloader())
@@ -117,6 +117,36 @@ def test_whole_window_batches_masked_whole(tok, sft_file, tmp_path):
         cu = set(b["cu_seqlens"].tolist())
         ends = (flat == tok.eos_id).nonzero().flatten() + 1
         assert all(int(e) in cu for e in ends)
+
+
+def eos_followers_in_segment(batch, eos_id):
+    """Tokens that follow an EOS inside the same attention segment."""
+    flat, cu = batch["input_ids"].reshape(-1), set(batch["cu_seqlens"].tolist())
+    return [int(flat[e + 1]) for e in (flat == eos_id).nonzero().flatten().tolist()
+            if e + 1 < flat.numel() and e + 1 not in cu]
+
+
+@pytest.mark.parametrize("p_split", [0.0, 1.0])
+def test_whole_window_attention_runs_across_examples(tok, sft_file, tmp_path, p_split):
+    """iLLaDA §2.2, one continuous corpus: EOS is followed by the next example's prompt in one segment."""
+    cfg = SFTDataConfig(train_files=[str(sft_file)], val_files=[], masking="whole_window", p_split=p_split,
+                        cache_dir=str(tmp_path / "c"))
+    assert cfg.attention == "window"  # the default for whole_window
+    dm = SFTDataModule(cfg, tok, max_seq_len=24, batch_size=2)
+    loader = dm.train_dataloader()
+    batches = list(loader) + list(loader)  # two epochs: two different cuts of the stream
+    prompt_starts = {tok.token_to_id("<|user|>"), tok.token_to_id("<|system|>")}
+    followers = [t for b in batches for t in eos_followers_in_segment(b, tok.eos_id)]
+    assert followers and set(followers) <= prompt_starts
+    for b in batches:
+        B, L = b["input_ids"].shape
+        check_cu_seqlens(b["cu_seqlens"], B, L)
+        n_segments = len(b["cu_seqlens"]) - 1
+        # one segment per window, two when the random-length split fires (p_split=1: always)
+        assert n_segments == B * (2 if p_split == 1.0 else 1)
+    per_example = SFTDataModule(SFTDataConfig(train_files=[str(sft_file)], val_files=[], attention="per_example",
+                                              p_split=p_split, cache_dir=str(tmp_path / "c")), tok, 24, 2)
+    assert all(not eos_followers_in_segment(b, tok.eos_id) for b in per_example.train_dataloader())
 
 
 def test_response_only_masks_and_padding(tok):
@@ -176,6 +206,8 @@ def test_sft_config_validation():
         SFTDataConfig(masking="prompt").validate()
     with pytest.raises(ValueError, match="sft.p_split"):
         SFTDataConfig(p_split=-0.1).validate()
+    with pytest.raises(ValueError, match="sft.attention: 'document' is not one of"):
+        SFTDataConfig(attention="document").validate()
 
 
 def test_batches_are_tensors_of_contract_types(tok, sft_file, tmp_path):

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 FORMATS = ("auto", "text", "jsonl", "parquet")
 TEXT_UNITS = ("auto", "paragraph", "file", "wikitext")
 SFT_MASKING = ("whole_window", "response_only")
+SFT_ATTENTION = ("window", "per_example")
 
 
 def _need(cond: bool, key: str, msg: str) -> None:
@@ -49,6 +50,12 @@ class DataConfig:
     text_field: str = "text"  # the record field holding a document (jsonl, parquet, hub)
     text_unit: str = "auto"  # text files: auto | paragraph | file | wikitext (see corpus.split_text_documents)
     hub_name: str | None = None  # a `datasets` hub name; replaces the files (online use only)
+    # Prepared corpora (`python -m experiments.prepare_data`): token shards on disk, read by window. When unset,
+    # the files / hub data set are prepared once into cache_dir (a no-op afterwards) and read the same way.
+    train_corpus: str | None = None
+    val_corpus: str | None = None
+    streaming: bool = False  # train from `datasets` streaming (hub_name, or jsonl/parquet train_files), no preparation
+    num_proc: int = 1  # processes tokenising when files are prepared
     max_seq_len: int | None = None  # None = model.max_seq_len
     p_split: float = 0.3  # random-length training: probability of splitting a row in two (iLLaDA §2.1)
     cache_dir: str = ".cache/illada"
@@ -57,8 +64,11 @@ class DataConfig:
     def validate(self) -> DataConfig:
         _need(self.format in FORMATS, "data.format", f"{self.format!r} is not one of {FORMATS}")
         _need(self.text_unit in TEXT_UNITS, "data.text_unit", f"{self.text_unit!r} is not one of {TEXT_UNITS}")
-        _need(bool(self.train_files) or self.hub_name is not None, "data.train_files",
-              "is empty and no data.hub_name is set")
+        _need(bool(self.train_files) or self.hub_name is not None or self.train_corpus is not None,
+              "data.train_files", "is empty and neither data.hub_name nor data.train_corpus is set")
+        _need(not (self.streaming and self.train_corpus), "data.streaming",
+              "reads hub_name or train_files as a stream; it cannot be combined with data.train_corpus")
+        _need(self.num_proc >= 1, "data.num_proc", f"must be >= 1, got {self.num_proc}")
         _need(bool(self.text_field), "data.text_field", "must be a non-empty field name")
         _check_max_seq_len("data", self.max_seq_len)
         _check_p_split("data", self.p_split)
@@ -73,6 +83,10 @@ class SFTDataConfig:
     train_files: list[str] = field(default_factory=lambda: ["data/instruct/train.jsonl"])
     val_files: list[str] = field(default_factory=lambda: ["data/instruct/valid.jsonl"])
     masking: str = "whole_window"  # iLLaDA §2.2 | response_only (LLaDA §2.3 baseline)
+    # whole_window only: `window` lets attention run across examples inside a training window (iLLaDA §2.2, one
+    # continuous instruction corpus: the model sees tokens after an EOS, as in variable-length block generation,
+    # §2.3); `per_example` makes every example its own cu_seqlens segment (the ablation).
+    attention: str = "window"
     p_split: float = 0.3  # random-length training, whole_window only
     max_seq_len: int | None = None  # None = model.max_seq_len
     multi_turn_split: bool = True  # response_only: an n-turn dialogue gives n pairs (LLaDA B.1)
@@ -81,6 +95,8 @@ class SFTDataConfig:
 
     def validate(self) -> SFTDataConfig:
         _need(self.masking in SFT_MASKING, "sft.masking", f"{self.masking!r} is not one of {SFT_MASKING}")
+        _need(self.attention in SFT_ATTENTION, "sft.attention",
+              f"{self.attention!r} is not one of {SFT_ATTENTION}")
         _need(bool(self.train_files), "sft.train_files", "must name at least one jsonl file")
         _check_max_seq_len("sft", self.max_seq_len)
         _check_p_split("sft", self.p_split)

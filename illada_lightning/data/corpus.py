@@ -241,7 +241,8 @@ def load_tokenized_documents(
     hub_split: str = "train",
     cache_dir: str | Path | None = ".cache/illada",
 ) -> list[np.ndarray]:
-    """Token ids (int32 arrays) of every document, tokenised once and cached.
+    """Token ids (int32 arrays) of every document, tokenised once and cached, all in memory. Training reads
+    prepared shards instead (`prepare.py`, `prepared.py`); this is their plain in-memory twin in the tests.
 
     The cache entry is keyed by the files' content hashes, the reading options and the tokenizer's
     fingerprint, so editing a file or retraining the tokenizer never serves stale tokens.

@@ -1,13 +1,11 @@
-"""Packing documents into fixed-length rows, the batch `cu_seqlens`, and random-length splits (pure functions).
+"""Packed rows, the batch `cu_seqlens`, and random-length splits (pure functions).
 
-Rows are cut from the continuous stream of documents, each followed by `<|eos|>`: LLaDA B.1 "concatenate the
-collected documents and segment the text into fixed-length sequences", and iLLaDA §2.2 samples 8192-token
-sequences from the continuous corpus. Unlike a plain concatenation, every row keeps its document boundaries
-and the batch's `cu_seqlens` carries them, so tokens never attend across documents (iLLaDA §2.1: variable-length
-examples packed and separated by cumulative offsets, no padding). A document that straddles a row end continues
-as its own segment at the start of the next row; one longer than `max_seq_len` spans several rows (counted and
-logged, never dropped). Only the stream's last row can be short: it is padded with `pad_id`, the padding is its
-own segment and has `loss_mask` False.
+Rows are windows cut from the continuous stream of documents (`stream.py` cuts them), each document followed by
+`<|eos|>`. Unlike a plain concatenation, every row keeps its document boundaries and the batch's `cu_seqlens`
+carries them, so tokens never attend across documents (iLLaDA §2.1: variable-length examples packed and
+separated by cumulative offsets, no padding); a document that straddles a row end continues as its own segment
+at the start of the next row. A row cut at the stream's end is padded with `pad_id`: the padding is its own
+segment and has `loss_mask` False.
 
 Random-length training (iLLaDA §2.1, after Nie et al. 2024): with probability `p_split` a row is split at a
 uniformly random interior point of its real tokens into two segments, i.e. one more boundary in `cu_seqlens`.
@@ -15,14 +13,11 @@ uniformly random interior point of its real tokens into two segments, i.e. one m
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -36,41 +31,6 @@ class PackedRows:
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
-
-
-def pack_documents(
-    docs: Sequence[Sequence[int]], max_seq_len: int, *, eos_id: int, pad_id: int, append_eos: bool = True
-) -> PackedRows:
-    """Concatenate documents (each followed by EOS unless `append_eos` is False) and cut rows of `max_seq_len`."""
-    if max_seq_len < 2:
-        raise ValueError(f"max_seq_len must be >= 2, got {max_seq_len}")
-    pieces, lengths = [], []
-    eos = np.array([eos_id], dtype=np.int32)
-    for doc in docs:
-        arr = np.asarray(doc, dtype=np.int32)
-        if arr.size == 0 and not append_eos:
-            continue
-        pieces += [arr, eos] if append_eos else [arr]
-        lengths.append(arr.size + int(append_eos))
-    if not lengths:
-        raise ValueError("no tokens to pack (every document is empty)")
-    stream = np.concatenate(pieces)
-    doc_starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-    n_long = int(sum(n > max_seq_len for n in lengths))
-    if n_long:
-        log.info("%d of %d documents are longer than max_seq_len=%d: split across rows (not dropped)",
-                 n_long, len(lengths), max_seq_len)
-
-    n_rows = -(-stream.size // max_seq_len)
-    tokens = np.full(n_rows * max_seq_len, pad_id, dtype=np.int32)
-    tokens[: stream.size] = stream
-    row_begin = np.arange(n_rows, dtype=np.int64) * max_seq_len
-    n_real = np.minimum(stream.size - row_begin, max_seq_len)
-    # Documents starting strictly inside each row (a start at offset 0 is the row boundary itself).
-    lo = np.searchsorted(doc_starts, row_begin, side="right")
-    hi = np.searchsorted(doc_starts, row_begin + n_real, side="left")
-    starts = [doc_starts[a:b] - r for a, b, r in zip(lo, hi, row_begin)]
-    return PackedRows(tokens.reshape(n_rows, max_seq_len), n_real, starts, n_long)
 
 
 def random_split_points(

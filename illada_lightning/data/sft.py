@@ -9,12 +9,14 @@ response and one `<|eos|>`; prompt and response are tokenised separately, which 
 inference.
 
 - ``whole_window`` (iLLaDA §2.2): all examples, each ending with its single EOS, are concatenated into one
-  stream; rows of `max_seq_len` are cut from it with `packing.pack_documents` and masked whole (loss_mask
-  None), with the same random-length split as pretraining. Examples inside a row do NOT attend to each other:
-  each is its own `cu_seqlens` segment. §2.2 says SFT "uses the same data processing ... as pre-training",
-  and pre-training packs examples separated by cumulative offsets (§2.1); at inference the model sees one
-  conversation alone, so letting unrelated examples see each other would only add noise. A dialogue is one
-  example (its whole history as the prompt, the last assistant turn as the response).
+  stream ("a continuous instruction corpus"); training windows of `max_seq_len` are sampled from it afresh each
+  epoch (`stream.py`) and masked whole (loss_mask None), with the same random-length split as pretraining.
+  With `attention=window` (default, the paper's reading) a window is one attention segment: an example's EOS is
+  followed by the next example's prompt in the same context, which is what variable-length block generation
+  (§2.3) needs, since the model must predict EOS mid-block and then fill the rest of the block. With
+  `attention=per_example` (the ablation) every example is its own `cu_seqlens` segment, as pretraining keeps
+  documents apart (§2.1). A dialogue is one example (its whole history as the prompt, the last assistant turn
+  as the response).
 - ``response_only`` (LLaDA §2.3 and Appendix B.1, the baseline): one example per row; the prompt is visible
   (loss_mask False), the response + EOS is maskable and padded with EOS up to the batch's longest row; the
   padding EOS are part of the response (maskable, in the loss). The objective normalises each row by its
