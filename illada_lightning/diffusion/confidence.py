@@ -6,8 +6,9 @@ probability, and add that log-probability (L forwards for L tokens, deterministi
 
 - ``cache="none"`` (default, exact): every step is a full forward of context + candidate.
 - ``cache="context"``: the keys/values of every question's context are computed ONCE (one forward of the
-  context alone; with CFG also of its all-mask unconditional copy) and reused by every step of every
-  candidate of the question; each step recomputes only the candidates' tokens (model/kv_cache.py). An
+  context followed by as many masks as the question's longest candidate, i.e. the first step of exact
+  scoring for that candidate; with CFG also of the all-mask unconditional copy) and reused by every step of
+  every candidate of the question; each step recomputes only the candidates' tokens (model/kv_cache.py). An
   approximation (Fast-dLLM's prefix cache applied to scoring): exact when keys/values of the context do not
   depend on the candidate (a one-layer model), otherwise measured by benchmarks/scoring_bench.py.
 - ``parallel="threshold"``: a step also reveals every still-masked ground-truth token whose probability
@@ -91,17 +92,24 @@ def confidence_exact(model, pairs, mask_id: int, cfg_scale: float, device, thres
     return scores
 
 
-def _context_cache(model, pairs, mask_id: int, cfg_scale: float, device):
-    """(per-layer K/V of every question's context, question index of every pair, context offsets)."""
+def _context_cache(model, pairs, mask_id: int, cfg_scale: float, device, n_masks: dict[int, int] | None):
+    """(per-layer K/V of every question's context, question index of every pair, context offsets).
+    `n_masks[item]`: masks after the context (default: the longest candidate of the item among `pairs`)."""
     first: dict[int, int] = {}
     question = torch.tensor([first.setdefault(p.item, len(first)) for p in pairs])
     contexts = [None] * len(first)
     for p, q in zip(pairs, question.tolist()):
         contexts[q] = p.context
-    lens = torch.tensor([c.numel() for c in contexts])
-    ids = torch.cat(contexts)
+    # Each context is followed by as many masks as its question's longest candidate: the context's keys/values
+    # then see what they see at the first step of exact scoring (exactly so for that candidate).
+    longest = [0] * len(first)
+    for p, q in zip(pairs, question.tolist()):
+        longest[q] = n_masks[p.item] if n_masks else max(longest[q], p.candidate.numel())
+    ids = [torch.cat([c, torch.full((int(n),), mask_id)]) for c, n in zip(contexts, longest)]
     if cfg_scale:  # the unconditional branch's context is all masks (LLaDA Eq. 16)
-        ids, lens = torch.cat([ids, torch.full_like(ids, mask_id)]), lens.repeat(2)
+        ids += [torch.full_like(x, mask_id) for x in ids]
+    lens = torch.tensor([x.numel() for x in ids])
+    ids = torch.cat(ids)
     _, kv = cached_hidden_states(model, ids.to(device), full_layout(lens, device))
     return kv, question, cu_seqlens_from_lengths(lens)[:-1].long()
 
@@ -125,10 +133,13 @@ def _step_layout(t: _Targets, alive: int, question, ctx_start, n_ctx_tokens: int
     return layout, key_src.to(device), rows.to(device), int(q_lens[:alive].sum())
 
 
-def confidence_cached(model, pairs, mask_id: int, cfg_scale: float, device, threshold=None) -> torch.Tensor:
-    """Eq. 2 with each context's keys/values computed once and reused by every step of every candidate."""
+def confidence_cached(model, pairs, mask_id: int, cfg_scale: float, device, threshold=None,
+                      n_masks: dict[int, int] | None = None) -> torch.Tensor:
+    """Eq. 2 with each context's keys/values computed once and reused by every step of every candidate.
+    `n_masks`: masks after each item's context, from ALL its candidates (so a score does not depend on how the
+    candidates were split into groups)."""
     t = _Targets(pairs, device)
-    kv, question, ctx_start = _context_cache(model, pairs, mask_id, cfg_scale, device)
+    kv, question, ctx_start = _context_cache(model, pairs, mask_id, cfg_scale, device, n_masks)
     n_ctx_tokens = kv[0][0].shape[0]
     cand = torch.full((len(pairs), t.longest), mask_id, dtype=torch.long, device=device)
     still_masked = t.valid.clone()

@@ -148,11 +148,17 @@ def _confidence_scores(model, pairs: list[_Pair], mask_id: int, config: ScoringC
     order = sorted(range(len(pairs)), key=lambda i: -pairs[i].candidate.numel())
     factor = 2 if config.cfg_scale else 1
     out = torch.zeros(len(pairs), dtype=torch.float64)
+    threshold = config.threshold if config.parallel == "threshold" else None
+    n_masks: dict[int, int] = {}  # context cache: masks after each context = its longest candidate
+    for p in pairs:
+        n_masks[p.item] = max(n_masks.get(p.item, 0), p.candidate.numel())
     for start, end in _chunks([pairs[i].length * factor for i in order], config.max_tokens_per_batch):
-        idx = order[start:end]
-        group = confidence_cached if config.cache == "context" else confidence_exact
-        threshold = config.threshold if config.parallel == "threshold" else None
-        out[idx] = group(model, [pairs[i] for i in idx], mask_id, config.cfg_scale, device, threshold).cpu()
+        group = [pairs[i] for i in order[start:end]]
+        if config.cache == "context":
+            scores = confidence_cached(model, group, mask_id, config.cfg_scale, device, threshold, n_masks)
+        else:
+            scores = confidence_exact(model, group, mask_id, config.cfg_scale, device, threshold)
+        out[order[start:end]] = scores.cpu()
     return out
 
 
