@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from benchmarks import sampler_bench, scoring_bench, train_throughput
 
 
@@ -47,3 +49,21 @@ def test_train_throughput_through_the_strategy_factory_with_two_processes(tmp_pa
     assert proc.returncode == 0, proc.stderr[-2000:]
     (row,) = [json.loads(line) for line in out.read_text().splitlines()]  # rank 0 alone writes
     assert row["strategy"] == "ddp" and row["world_size"] == 2 and row["tokens_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_fast_decoding_benchmarks_smoke(tmp_path):
+    """`--fast` rows carry the fields issue 17 asks for; the exact row is its own baseline."""
+    out = tmp_path / "fast.jsonl"
+    rows = sampler_bench.main(["--preset", "tiny", "--device", "cpu", "--fast", "--batch-size", "2", "--gen-length",
+                               "4", "--steps", "4", "--block-length", "2", "--out", str(out)])
+    rows += scoring_bench.main(["--preset", "tiny", "--device", "cpu", "--fast", "--questions", "2", "--out", str(out)])
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(written) == len(rows) == 6 + 4
+    for r in written:
+        assert {"bench", "preset", "cache", "parallel", "threshold", "tokens_per_s", "speedup_vs_exact",
+                "token_agreement", "device"} <= set(r)
+        assert r["tokens_per_s"] > 0
+    exact = [r for r in written if r["cache"] == "none" and r["parallel"] == "off"]
+    assert len(exact) == 2 and all(r["speedup_vs_exact"] == 1.0 for r in exact)
+    assert exact[0]["token_agreement"] == 1.0 and exact[1]["scores_identical"]

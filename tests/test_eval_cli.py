@@ -68,8 +68,8 @@ def test_cli_writes_results_and_logs_a_run_nested_under_the_training_run(tmp_pat
     assert find_training_run(ckpt) == (sft_run, store)
 
     data = fixtures(tmp_path)
-    argv = [f"ckpt={ckpt}", "tasks=[arc_challenge]", "scoring.rule=confidence", "limit=1",
-            f"data.arc_challenge={data['arc_challenge']}"]
+    argv = [f"ckpt={ckpt}", "tasks=[arc_challenge]", "scoring.rule=confidence", "limit=1", "scoring.cache=context",
+            "sampler.cache=dual", "sampler.parallel=threshold", f"data.arc_challenge={data['arc_challenge']}"]
     try:
         assert main(argv) == 0
     finally:
@@ -84,6 +84,11 @@ def test_cli_writes_results_and_logs_a_run_nested_under_the_training_run(tmp_pat
     assert eval_run.data.tags["illada.checkpoint"] == str(ckpt.resolve())
     assert len(eval_run.data.tags["mlflow.source.git.commit"]) == 40  # the evaluated code is cited in reports
     assert eval_run.data.params["scoring.rule"] == "confidence" and eval_run.data.params["limit"] == "1"
+    # The fast-decoding options are recorded with the run (issue 17).
+    params = eval_run.data.params
+    assert (params["scoring.cache"], params["sampler.cache"], params["sampler.parallel"]) == ("context", "dual",
+                                                                                              "threshold")
+    assert params["sampler.threshold"] == "0.9" and params["scoring.parallel"] == "off"
     artifacts = {a.path for a in client.list_artifacts(eval_run.info.run_id, "eval")}
     assert {"eval/results.json", "eval/arc_challenge.examples.jsonl"} <= artifacts
 
