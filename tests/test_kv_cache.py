@@ -171,3 +171,30 @@ def test_cache_needs_a_mask_predictor():
 
     with pytest.raises(ValueError, match="cache='dual' needs a MaskPredictor"):
         generate(Plain(), [5, 6], gen_length=4, steps=4, cache="dual", mask_token_id=MASK)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_varlen_cached_forward_matches_full_forward_and_generates():
+    torch.manual_seed(0)
+    model = build_model("tiny", n_layers=2, init_std=0.1, attention_backend="auto").cuda().to(torch.bfloat16).eval()
+    lens = torch.tensor([5, 9, 3])
+    ids = torch.randint(5, 100, (int(lens.sum()),), generator=torch.Generator().manual_seed(0)).cuda()
+    cu = cu_seqlens_from_lengths(lens).cuda()
+    with torch.no_grad():
+        ref = model.hidden_states(ids, cu, 9).float()
+        full, kv = cached_hidden_states(model, ids, full_layout(lens, "cuda"))
+        idx = torch.cat([torch.arange(int(e) - 2, int(e)) for e in cu[1:].cpu()])
+        row_of = torch.full((ids.numel(),), -1)
+        row_of[idx] = torch.arange(idx.numel())
+        key_src = torch.where(row_of >= 0, ids.numel() + row_of, torch.arange(ids.numel())).cuda()
+        positions = torch.cat([torch.arange(int(n) - 2, int(n)) for n in lens])
+        part, _ = cached_hidden_states(model, ids[idx.cuda()], cross_layout(torch.full((3,), 2), lens, positions, "cuda"),
+                                       key_src, kv)
+    torch.testing.assert_close(full.float(), ref, rtol=0.05, atol=0.05)
+    torch.testing.assert_close(part.float(), ref[idx.cuda()], rtol=0.05, atol=0.05)
+    prompts = [torch.tensor(p, device="cuda") for p in PROMPTS]
+    for cache in ("prefix", "dual"):
+        out = generate(model, prompts, gen_length=16, steps=16, block_length=4, cache=cache, parallel="threshold",
+                       threshold=0.5, eos_token_id=None)
+        assert [len(r) for r in out] == [16] * len(PROMPTS)
