@@ -58,6 +58,17 @@ def test_cache_equals_no_cache_when_cached_keys_do_not_change(one_layer, cache, 
     assert generate(one_layer, PROMPTS, cache=cache, **opts) == exact
 
 
+@pytest.mark.parametrize("confidence_eos_inf", [False, True])
+def test_variable_length_and_eos_with_cache_equal_exact_when_cache_is_exact(one_layer, confidence_eos_inf):
+    opts = dict(variable_length=True, max_new_tokens=16, steps=16, block_length=4)
+    eos = generate(one_layer, PROMPTS, eos_token_id=None, **opts)[0][5]  # a mid-answer token becomes the end
+    opts.update(eos_token_id=eos, confidence_eos_inf=confidence_eos_inf)
+    exact = generate(one_layer, PROMPTS, **opts)
+    assert any(len(r) < 16 for r in exact)  # generation did stop at the end token
+    for cache in ("prefix", "dual"):
+        assert generate(one_layer, PROMPTS, cache=cache, **opts) == exact
+
+
 def _agreement(a: list[list[int]], b: list[list[int]]) -> float:
     pairs = [(x, y) for ra, rb in zip(a, b) for x, y in zip(ra, rb)]
     return sum(x == y for x, y in pairs) / max(1, len(pairs))

@@ -29,6 +29,13 @@ masked (LLaDA §2.4, Appendix A.3):
   is the number of response tokens before the current block, until that token has been generated. The
   paper gives no schedule; this linear ramp is ours.
 
+Fast decoding (Fast-dLLM, Wu et al. 2025; both approximate, off by default so that the sampler is LLaDA's
+exact algorithm): ``cache="prefix"|"dual"`` computes each block's first step as a full forward and reuses
+its keys/values of the prompt and finished blocks (and of the masked suffix, ``dual``) for the block's other
+steps (`block_cache.py`); ``parallel="threshold"`` reveals, at each step, every masked token of the block whose
+confidence exceeds ``threshold`` and at least the schedule's k, so a block may finish in fewer steps
+(`reveal_above_threshold`).
+
 Batches: prompts of different lengths are packed into one flat sequence with `cu_seqlens` (no padding),
 so every prompt's result equals its one-by-one generation. A prompt whose completed blocks already contain
 its end (EOS / stop) leaves the batch; tokens after the end are dropped, so this changes no output.
