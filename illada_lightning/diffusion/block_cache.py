@@ -21,8 +21,7 @@ import torch
 
 from ..model.kv_cache import cached_hidden_states, cross_layout, full_layout, supports_kv_cache
 from .packed_inference import PackedForward, cu_seqlens_from_lengths, segment_positions
-
-CACHE_MODES = ("none", "prefix", "dual")
+from .sampler_config import CACHE_MODES  # noqa: F401  (the list lives with the option)
 
 
 def check_cacheable(model, cache: str) -> None:

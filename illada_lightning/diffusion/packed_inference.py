@@ -20,10 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from .likelihood import guided_log_probs
+from .sampler_config import PRECISIONS
 
 log = logging.getLogger(__name__)
-
-PRECISIONS = ("auto", "bf16", "fp32")
 
 
 def model_device(model) -> torch.device:

@@ -1,6 +1,6 @@
 """`SamplerConfig`: every option of the reverse-process sampler (`diffusion/sampler.py`), validated in one place.
 
-The one list of valid values per option (`REMASKING`, `CACHE_MODES`, `PARALLEL_MODES`) lives here; the
+The one list of valid values per option (`REMASKING`, `CACHE_MODES`, `PARALLEL_MODES`, `PRECISIONS`) lives here; the
 evaluation, preview and generate configs nest this dataclass instead of copying its fields.
 """
 
@@ -11,10 +11,12 @@ import math
 from dataclasses import dataclass, field
 
 from ..options import reject_unknown
-from .block_cache import CACHE_MODES
-from .packed_inference import PRECISIONS
 
 log = logging.getLogger(__name__)
+
+# No torch import in this module: a CLI can parse and check its sampler options before torch loads.
+PRECISIONS = ("auto", "bf16", "fp32")  # inference precision (packed_inference.inference_context)
+CACHE_MODES = ("none", "prefix", "dual")  # block KV cache (block_cache.py)
 
 REMASKING = ("low_confidence", "random")
 PARALLEL_MODES = ("off", "threshold")
