@@ -50,6 +50,51 @@ def test_cached_forward_with_unchanged_tokens_equals_full_forward(two_layers):
     torch.testing.assert_close(part, ref[idx], rtol=0, atol=1e-12)
 
 
+def test_cached_step_equals_a_plain_forward_with_stale_keys_and_values(two_layers, monkeypatch):
+    """The slow twin of a cached step: a full forward on the new tokens in which every layer's keys/values of
+    the cached positions are replaced by those of the forward that filled the cache (what the cache means)."""
+    from illada_lightning.diffusion.block_cache import CachedPack
+    from illada_lightning.model.transformer import Attention
+
+    lens = torch.tensor([6, 9, 4])
+    g = torch.Generator().manual_seed(1)
+    before = torch.randint(5, 100, (int(lens.sum()),), generator=g)
+    cu = cu_seqlens_from_lengths(lens)
+    recompute = torch.zeros(before.numel(), dtype=torch.bool)
+    for start, n in zip(cu[:-1].tolist(), lens.tolist()):
+        recompute[start + n - 3: start + n] = True  # the last three tokens of every sequence
+    now = torch.where(recompute, torch.randint(5, 100, before.shape, generator=g), before)
+    with torch.no_grad():
+        pack = CachedPack(two_layers, lens, recompute, torch.zeros_like(recompute), MASK, 0.0, "cpu")
+        pack.full(before)
+        fwd = pack.step(now)
+        got = fwd.features[fwd.row_of[recompute.nonzero()[:, 0]]]
+
+        project, captured = Attention.project, []
+
+        def capture(self, x, cos, sin):
+            q, k, v = project(self, x, cos, sin)
+            captured.append((k.clone(), v.clone()))
+            return q, k, v
+
+        monkeypatch.setattr(Attention, "project", capture)
+        two_layers.hidden_states(before, cu, int(lens.max()))
+        stale = iter(captured)
+
+        def replace(self, x, cos, sin):
+            q, k, v = project(self, x, cos, sin)
+            old_k, old_v = next(stale)
+            return q, torch.where(recompute[None, :, None, None], k, old_k), torch.where(
+                recompute[None, :, None, None], v, old_v)
+
+        monkeypatch.setattr(Attention, "project", replace)
+        want = two_layers.hidden_states(now, cu, int(lens.max()))[recompute]
+        monkeypatch.setattr(Attention, "project", project)
+        exact = two_layers.hidden_states(now, cu, int(lens.max()))[recompute]
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    assert float((got - exact).abs().max()) > 1e-6  # with two layers the cache is an approximation
+
+
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
 @pytest.mark.parametrize("cfg_scale", [0.0, 1.5])
 def test_cache_equals_no_cache_when_cached_keys_do_not_change(one_layer, cache, cfg_scale):
