@@ -204,7 +204,8 @@ def setup_per_epoch(ctx: SetupContext) -> dict[str, Any]:
     if fields:
         # The experiment attaches the callback to SFT itself (`eval.per_epoch=true`); hand it our settings
         # (those its `eval` group has: `device`, `ckpt`, ... belong to the evaluation CLI only).
-        extra = [f"{EVAL_PREFIX}{o}" for o in ctx.spec.evaluation.overrides if o.split("=", 1)[0] in fields]
+        extra = [f"{EVAL_PREFIX}{o}" for o in ctx.spec.evaluation.overrides
+                 if o.split("=", 1)[0].split(".", 1)[0] in fields]  # nested keys too: sampler.steps=...
         extra.append("eval.per_epoch=true")
         callbacks = []
     else:
