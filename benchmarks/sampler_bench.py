@@ -3,6 +3,12 @@
     python -m benchmarks.sampler_bench --preset small --batch-size 64 --gen-length 256 --steps 256 --block-length 32
     python -m benchmarks.sampler_bench --preset 1b --batch-size 32 --gen-length 256 --steps 256 --block-length 32
     python -m benchmarks.sampler_bench --device cpu --preset tiny        # CI smoke, a few seconds
+    python -m benchmarks.sampler_bench --preset 1b --fast --out benchmarks/results/sampler_fast_h200.jsonl
+
+`--fast` (issue 17) times, in one run on the same prompts, the exact sampler (cache=none, parallel=off) and every
+`--cache` × `--parallel` setting (block KV cache, confidence-threshold parallel decoding), with the fraction of
+generated tokens identical to exact decoding (`token_agreement`). Random weights are far from a trained model's
+confidence profile, so `parallel=threshold` speed-ups here are not the ones a trained checkpoint gets.
 
 The reference (`reference_generate`, below) is LLaDA's published algorithm written plainly: one prompt at a
 time, a [1, prompt + gen_length] input, full-sequence logits every step, low-confidence remasking
@@ -125,6 +131,44 @@ def run(args) -> dict:
     }
 
 
+def run_fast(args) -> list[dict]:
+    """Exact vs cached / parallel decoding on the same prompts: tokens/s, speed-up and token agreement."""
+    device = torch.device(args.device)
+    model = build_model(args.preset, device=device, init_std=args.init_std).eval()
+    if args.dtype == "bf16" and device.type == "cuda":
+        model = model.to(torch.bfloat16)
+    prompts = random_prompts(args.batch_size, args.min_prompt, args.max_prompt, model.config.vocab_size, args.seed)
+    opts = dict(steps=args.steps, gen_length=args.gen_length, block_length=args.block_length, cfg_scale=args.cfg_scale,
+                logits_eos_inf=True, precision="bf16" if args.dtype == "bf16" else "fp32")
+    settings = [("none", "off")] + [(c, p) for c in args.cache for p in args.parallel if (c, p) != ("none", "off")]
+    rows, exact = [], None
+    for cache, parallel in settings:
+        o = dict(opts, cache=cache, parallel=parallel, threshold=args.threshold)
+        generate(model, prompts[:2], **o)  # warm-up
+        out, seconds = timed(lambda o=o: generate(model, prompts, **o), device)
+        exact = exact or (out, seconds)
+        same = sum(a == b for f, r in zip(out, exact[0]) for a, b in zip(f, r))
+        rows.append({
+            "bench": "sampler_fast", "preset": args.preset, "cache": cache, "parallel": parallel,
+            "threshold": args.threshold if parallel == "threshold" else None,
+            "tokens_per_s": len(prompts) * args.gen_length / seconds, "speedup_vs_exact": exact[1] / seconds,
+            "token_agreement": same / (len(prompts) * args.gen_length), "seconds": seconds,
+            "batch_size": args.batch_size, "prompt_len": [args.min_prompt, args.max_prompt],
+            "gen_length": args.gen_length, "steps": args.steps, "block_length": args.block_length,
+            "cfg_scale": args.cfg_scale, "dtype": args.dtype, "init_std": args.init_std, **environment(device),
+        })
+    return rows
+
+
+def print_fast_table(rows: list[dict]) -> None:
+    print(f"\nfast decoding vs exact ({rows[0]['device']}, {rows[0]['preset']}, {rows[0]['dtype']})")
+    print(f"{'cache':7} {'parallel':10} {'tok/s':>9} {'speed-up':>9} {'agreement':>10}")
+    for r in rows:
+        par = r["parallel"] + (f"@{r['threshold']}" if r["threshold"] is not None else "")
+        print(f"{r['cache']:7} {par:10} {r['tokens_per_s']:9.1f} {r['speedup_vs_exact']:8.2f}x "
+              f"{r['token_agreement']:10.3f}")
+
+
 def print_table(rows: list[dict], title: str) -> None:
     print(f"\n{title}")
     print(f"{'config':44} {'identical':>9} {'fast tok/s':>11} {'ref tok/s':>10} {'ratio':>7}")
@@ -157,12 +201,23 @@ def parse_args(argv=None):
     p.add_argument("--allow-mismatch", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="append one JSON line per run to this file")
+    p.add_argument("--fast", action="store_true", help="time cache x parallel settings against the exact sampler")
+    p.add_argument("--cache", nargs="+", default=["none", "prefix", "dual"], choices=["none", "prefix", "dual"])
+    p.add_argument("--parallel", nargs="+", default=["off", "threshold"], choices=["off", "threshold"])
+    p.add_argument("--threshold", type=float, default=0.9)
     args = p.parse_args(argv)
     return fill_preset_defaults(args, PRESET_DEFAULTS[args.preset])
 
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
+    if args.fast:
+        rows = [r for cfg_scale in args.cfg_scale
+                for r in run_fast(argparse.Namespace(**{**vars(args), "cfg_scale": cfg_scale}))]
+        for row in rows:
+            emit(row, args.out)
+        print_fast_table(rows)
+        return rows
     rows = []
     for cfg_scale in args.cfg_scale:
         args_i = argparse.Namespace(**{**vars(args), "cfg_scale": cfg_scale})

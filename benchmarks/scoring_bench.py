@@ -3,6 +3,12 @@
     python -m benchmarks.scoring_bench --preset small --questions 64
     python -m benchmarks.scoring_bench --preset 1b --questions 32 --mc-samples 128
     python -m benchmarks.scoring_bench --device cpu --preset tiny        # CI smoke, a few seconds
+    python -m benchmarks.scoring_bench --preset small --fast --questions 1838 --min-context 8 --max-context 48 \
+        --max-candidate 48                                                # PIQA-sized confidence workload
+
+`--fast` (issue 17) times confidence scoring exact (cache=none, parallel=off) against the context KV cache
+(`cache=context`) and threshold reveals (`parallel=threshold`) on the same questions: questions/s, speed-up, the
+largest score difference from exact scoring and the fraction of questions whose argmax choice is unchanged.
 
 References, written plainly, one candidate at a time with full-sequence logits:
 - confidence (iLLaDA Eq. 2): L forwards of [1, context + candidate], each revealing the ground-truth token at
@@ -154,6 +160,36 @@ def run(args, rule: str) -> dict:
     }
 
 
+def run_fast(args) -> list[dict]:
+    device = torch.device(args.device)
+    model = build_model(args.preset, device=device, init_std=args.init_std).eval()
+    if args.dtype == "bf16" and device.type == "cuda":
+        model = model.to(torch.bfloat16)
+    items = random_items(args.questions, (args.min_context, args.max_context), (1, args.max_candidate),
+                         args.choices, model.config.vocab_size, args.seed)
+    opts = dict(max_tokens_per_batch=args.max_tokens_per_batch, precision="bf16" if args.dtype == "bf16" else "fp32")
+    rows, exact = [], None
+    for cache, parallel in (("none", "off"), ("context", "off"), ("none", "threshold"), ("context", "threshold")):
+        o = dict(opts, cache=cache, parallel=parallel, threshold=args.threshold)
+        score_batch(model, items[:2], "confidence", **o)  # warm-up
+        scores, seconds = timed(lambda o=o: score_batch(model, items, "confidence", **o), device)
+        exact = exact or (scores, seconds)
+        rows.append({
+            "bench": "scoring_fast", "preset": args.preset, "rule": "confidence", "cache": cache, "parallel": parallel,
+            "threshold": args.threshold if parallel == "threshold" else None,
+            "questions_per_s": len(items) / seconds,
+            "tokens_per_s": sum(len(y) for _, ys in items for y in ys) / seconds,
+            "speedup_vs_exact": exact[1] / seconds, "token_agreement": None,
+            "scores_identical": all(torch.equal(a, b) for a, b in zip(scores, exact[0])),
+            "max_abs_score_diff": max(float((a - b).abs().max()) for a, b in zip(scores, exact[0])),
+            "argmax_agreement": sum(int(a.argmax()) == int(b.argmax()) for a, b in zip(scores, exact[0])) / len(items),
+            "seconds": seconds, "questions": len(items), "choices": args.choices,
+            "context_len": [args.min_context, args.max_context], "max_candidate": args.max_candidate,
+            "dtype": args.dtype, **environment(device),
+        })
+    return rows
+
+
 PRESET_DEFAULTS = {
     "tiny": dict(questions=3, min_context=4, max_context=12, max_candidate=4, ref_questions=1, mc_samples=8,
                  mc_batch_size=8),
@@ -179,12 +215,24 @@ def parse_args(argv=None):
     p.add_argument("--allow-mismatch", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="append one JSON line per run to this file")
+    p.add_argument("--fast", action="store_true", help="confidence scoring: exact vs context cache / threshold")
+    p.add_argument("--threshold", type=float, default=0.9)
     args = p.parse_args(argv)
     return fill_preset_defaults(args, PRESET_DEFAULTS[args.preset])
 
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
+    if args.fast:
+        rows = run_fast(args)
+        print(f"\nconfidence scoring, fast vs exact ({rows[0]['device']}, {args.preset}, {args.dtype})")
+        print(f"{'cache':8} {'parallel':14} {'q/s':>8} {'speed-up':>9} {'identical':>9} {'argmax agree':>12}")
+        for r in rows:
+            emit(r, args.out)
+            par = r["parallel"] + (f"@{r['threshold']}" if r["threshold"] is not None else "")
+            print(f"{r['cache']:8} {par:14} {r['questions_per_s']:8.2f} {r['speedup_vs_exact']:8.2f}x "
+                  f"{str(r['scores_identical']):>9} {r['argmax_agreement']:12.3f}")
+        return rows
     rows = []
     for rule in args.rules:
         row = run(args, rule)

@@ -1,5 +1,5 @@
 """Evaluate a checkpoint: `python -m experiments.evaluate ckpt=RUN_DIR tasks=[hellaswag,arc_challenge,piqa,gsm8k]
-scoring_rule=confidence limit=500 [out=DIR] [data.<task>=PATH] ...` (all keys: `evaluation.cli.EvaluateConfig`)."""
+scoring.rule=confidence limit=500 [out=DIR] [data.<task>=PATH] ...` (all keys: `evaluation.cli.EvaluateConfig`)."""
 
 import sys
 

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from benchmarks import sampler_bench, scoring_bench, train_throughput
 
 
@@ -68,3 +70,19 @@ def test_scaling_model_shards_state_and_exposes_communication_across_nodes():
     assert one["comm_s"] == 0 and one["states_gb"] == 8 * node["states_gb"]  # 16 B/param over W ranks
     assert node["scaling_efficiency"] == 1.0 and many["scaling_efficiency"] < 0.6  # NVLink hides it, 25 GB/s does not
     assert many["tokens_per_s"] > node["tokens_per_s"]
+@pytest.mark.slow
+def test_fast_decoding_benchmarks_smoke(tmp_path):
+    """`--fast` rows carry the fields issue 17 asks for; the exact row is its own baseline."""
+    out = tmp_path / "fast.jsonl"
+    rows = sampler_bench.main(["--preset", "tiny", "--device", "cpu", "--fast", "--batch-size", "2", "--gen-length",
+                               "4", "--steps", "4", "--block-length", "2", "--out", str(out)])
+    rows += scoring_bench.main(["--preset", "tiny", "--device", "cpu", "--fast", "--questions", "2", "--out", str(out)])
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(written) == len(rows) == 6 + 4
+    for r in written:
+        assert {"bench", "preset", "cache", "parallel", "threshold", "tokens_per_s", "speedup_vs_exact",
+                "token_agreement", "device"} <= set(r)
+        assert r["tokens_per_s"] > 0
+    exact = [r for r in written if r["cache"] == "none" and r["parallel"] == "off"]
+    assert len(exact) == 2 and all(r["speedup_vs_exact"] == 1.0 for r in exact)
+    assert exact[0]["token_agreement"] == 1.0 and exact[1]["scores_identical"]

@@ -9,6 +9,8 @@ import torch
 
 from illada_lightning import build_model
 from illada_lightning.data.tokenizer import train_tokenizer_from_iterator
+from illada_lightning.diffusion.sampler_config import SamplerConfig
+from illada_lightning.diffusion.scoring import ScoringConfig
 from illada_lightning.evaluation import EvalConfig, evaluate
 from illada_lightning.evaluation.cli import find_training_run, format_table, main
 from tests.test_eval_tasks import ARC_LETTERS, ARC_NUMERIC, GSM8K_TEST, write_jsonl
@@ -34,8 +36,9 @@ def fixtures(tmp_path):
 @pytest.mark.parametrize("rule", ["confidence", "likelihood"])
 def test_real_tiny_model_through_scorer_and_sampler(tmp_path, tiny, rule):
     model, tokenizer = tiny
-    cfg = EvalConfig(tasks=["arc_challenge", "gsm8k"], data=fixtures(tmp_path), scoring_rule=rule, mc_samples=4,
-                     mc_batch_size=4, num_fewshot=0, gen_length=8, block_length=8, steps=8)
+    cfg = EvalConfig(tasks=["arc_challenge", "gsm8k"], data=fixtures(tmp_path), num_fewshot=0,
+                     scoring=ScoringConfig(rule=rule, mc_samples=4, mc_batch_size=4),
+                     sampler=SamplerConfig(gen_length=8, block_length=8, steps=8))
     results = evaluate(model, tokenizer, None, cfg, out_dir=tmp_path / "out")
     assert results["arc_challenge"]["n"] == 2 and results["gsm8k"]["n"] == 2
     records = [json.loads(x) for x in (tmp_path / "out" / "arc_challenge.examples.jsonl").read_text().splitlines()]
@@ -65,8 +68,8 @@ def test_cli_writes_results_and_logs_a_run_nested_under_the_training_run(tmp_pat
     assert find_training_run(ckpt) == (sft_run, store)
 
     data = fixtures(tmp_path)
-    argv = [f"ckpt={ckpt}", "tasks=[arc_challenge]", "scoring_rule=confidence", "limit=1",
-            f"data.arc_challenge={data['arc_challenge']}"]
+    argv = [f"ckpt={ckpt}", "tasks=[arc_challenge]", "scoring.rule=confidence", "limit=1", "scoring.cache=context",
+            "sampler.cache=dual", "sampler.parallel=threshold", f"data.arc_challenge={data['arc_challenge']}"]
     try:
         assert main(argv) == 0
     finally:
@@ -80,7 +83,12 @@ def test_cli_writes_results_and_logs_a_run_nested_under_the_training_run(tmp_pat
     assert eval_run.data.metrics["eval/arc_challenge/acc"] == results["arc_challenge"]["acc"]
     assert eval_run.data.tags["illada.checkpoint"] == str(ckpt.resolve())
     assert len(eval_run.data.tags["mlflow.source.git.commit"]) == 40  # the evaluated code is cited in reports
-    assert eval_run.data.params["scoring_rule"] == "confidence" and eval_run.data.params["limit"] == "1"
+    assert eval_run.data.params["scoring.rule"] == "confidence" and eval_run.data.params["limit"] == "1"
+    # The fast-decoding options are recorded with the run (issue 17).
+    params = eval_run.data.params
+    assert (params["scoring.cache"], params["sampler.cache"], params["sampler.parallel"]) == ("context", "dual",
+                                                                                              "threshold")
+    assert params["sampler.threshold"] == "0.9" and params["scoring.parallel"] == "off"
     artifacts = {a.path for a in client.list_artifacts(eval_run.info.run_id, "eval")}
     assert {"eval/results.json", "eval/arc_challenge.examples.jsonl"} <= artifacts
 
@@ -101,7 +109,7 @@ def test_cli_rejects_bad_arguments(tmp_path, capsys):
 def test_cli_help_lists_tasks_and_keys(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    assert "registered tasks: arc_challenge" in out and "scoring_rule" in out and "ckpt" in out
+    assert "registered tasks: arc_challenge" in out and "scoring" in out and "ckpt" in out
 
 
 def test_format_table():

@@ -6,6 +6,7 @@ import re
 import pytest
 
 from illada_lightning.data.synthetic import write_splits
+from illada_lightning.diffusion.sampler_config import SamplerConfig
 from illada_lightning.evaluation import EvalConfig, evaluate, get_task
 from illada_lightning.evaluation.cloze import make_cloze_examples
 from illada_lightning.evaluation.records import EvalDataError
@@ -99,8 +100,7 @@ def test_synthetic_task_splits_are_deterministic_and_answers_correct(tmp_path):
 
 def test_synthetic_task_exact_match_through_the_chat_template(tmp_path):
     paths = write_splits(tmp_path, n_train=10, n_valid=2, n_test=8, seed=1)
-    cfg = EvalConfig(tasks=["synthetic"], data={"synthetic": str(paths["test"])}, gen_length=8, block_length=8,
-                     steps=8)
+    cfg = EvalConfig(tasks=["synthetic"], data={"synthetic": str(paths["test"])}, sampler=SamplerConfig(gen_length=8, block_length=8, steps=8))
     examples = get_task("synthetic").examples(cfg)
     tok = CharTokenizer()
     answers = {}

@@ -7,6 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from illada_lightning.diffusion.sampler_config import SamplerConfig
+from illada_lightning.diffusion.scoring import ScoringConfig
 from illada_lightning.evaluation import EvalConfig, evaluate
 from tests.test_eval_tasks import ARC_LETTERS, ARC_NUMERIC, GSM8K_TEST, write_jsonl
 
@@ -129,7 +131,7 @@ def test_resume_from_per_example_outputs(tmp_path):
     assert len(file.read_text().splitlines()) == 10
 
     with pytest.raises(ValueError, match="different settings.*scoring_rule"):
-        evaluate(FakeModel(), CharTokenizer(), None, arc_cfg(path, scoring_rule="likelihood"), scorer=scorer,
+        evaluate(FakeModel(), CharTokenizer(), None, arc_cfg(path, scoring=ScoringConfig(rule="likelihood")), scorer=scorer,
                  out_dir=out)
 
 
@@ -171,8 +173,8 @@ def scripted_generator(answers_by_question):
 
 def test_generation_task_exact_match(tmp_path):
     path = write_jsonl(tmp_path / "test.jsonl", GSM8K_TEST)
-    cfg = EvalConfig(tasks=["gsm8k"], data={"gsm8k": str(path)}, num_fewshot=0, gen_length=32, block_length=32,
-                     steps=32)
+    cfg = EvalConfig(tasks=["gsm8k"], data={"gsm8k": str(path)}, num_fewshot=0,
+                     sampler=SamplerConfig(gen_length=32, block_length=32, steps=32))
     generator = scripted_generator({GSM8K_TEST[0]["question"]: " 1000 - 250 = 750. The answer is 750 ducks.",
                                     GSM8K_TEST[1]["question"]: " 2 + 1 = 3 bolts.\n#### 4"})
     results = evaluate(FakeModel(), CharTokenizer(), None, cfg, generator=generator, out_dir=tmp_path / "out")
@@ -185,8 +187,8 @@ def test_generation_task_exact_match(tmp_path):
 
 def test_generation_budget_must_leave_room_for_the_prompt(tmp_path):
     path = write_jsonl(tmp_path / "test.jsonl", GSM8K_TEST)
-    cfg = EvalConfig(tasks=["gsm8k"], data={"gsm8k": str(path)}, num_fewshot=0, gen_length=64, block_length=32,
-                     steps=64)
+    cfg = EvalConfig(tasks=["gsm8k"], data={"gsm8k": str(path)}, num_fewshot=0,
+                     sampler=SamplerConfig(gen_length=64, block_length=32, steps=64))
     with pytest.raises(ValueError, match="leaves no room for a prompt in max_seq_len=64"):
         evaluate(FakeModel(max_seq_len=64), CharTokenizer(), None, cfg, generator=lambda p, stop_strings=(): [])
 

@@ -51,8 +51,9 @@ def test_evaluate_reads_the_exported_directory_with_the_same_results(run_and_exp
     results, scores = [], []
     for source in (ckpt, out):
         target = root / f"eval-{rule}-{source.name}"
-        argv = [f"ckpt={source}", "tasks=[arc_challenge,gsm8k]", f"scoring_rule={rule}", "mc_samples=4",
-                "mc_batch_size=4", "num_fewshot=0", "gen_length=8", "block_length=8", "steps=8", "mlflow=false",
+        argv = [f"ckpt={source}", "tasks=[arc_challenge,gsm8k]", f"scoring.rule={rule}", "scoring.mc_samples=4",
+                "scoring.mc_batch_size=4", "num_fewshot=0", "sampler.gen_length=8", "sampler.block_length=8",
+                "sampler.steps=8", "mlflow=false",
                 f"out={target}", *(f"data.{k}={v}" for k, v in data.items())]
         assert evaluate_main(argv) == 0
         results.append(json.loads((target / "results.json").read_text()))
@@ -92,8 +93,8 @@ def test_clis_run_a_released_style_directory_with_its_own_special_ids(tmp_path, 
 
     write_llada_like(tmp_path / "ckpt", max_sequence_length=256)
     data = write_jsonl(tmp_path / "arc.jsonl", [ARC_LETTERS, ARC_NUMERIC])
-    assert evaluate_main([f"ckpt={tmp_path / 'ckpt'}", "tasks=[arc_challenge]", "scoring_rule=likelihood",
-                          "mc_samples=2", "mc_batch_size=2", "num_fewshot=0", "mlflow=false",
+    assert evaluate_main([f"ckpt={tmp_path / 'ckpt'}", "tasks=[arc_challenge]", "scoring.rule=likelihood",
+                          "scoring.mc_samples=2", "scoring.mc_batch_size=2", "num_fewshot=0", "mlflow=false",
                           f"out={tmp_path / 'eval'}", f"data.arc_challenge={data}"]) == 0
     assert json.loads((tmp_path / "eval" / "results.json").read_text())["arc_challenge"]["n"] == 2
     # chat template of the directory (Jinja, bos_token from tokenizer_config.json); random weights: any text

@@ -31,7 +31,7 @@ SMALL = [
     "pretrain.data.max_seq_len=null", "sft.data.max_seq_len=null",
     "pretrain.batch_size=8", "sft.batch_size=8", "pretrain.log_every_n_steps=2", "sft.log_every_n_steps=2",
     "pretrain.limit_val_batches=2", "sft.limit_val_batches=2", "progress_bar=false",
-    "preview.num_prompts=2", "preview.gen_length=8", "preview.steps=8", "preview.block_length=4",
+    "preview.num_prompts=2", "preview.sampler.gen_length=8", "preview.sampler.steps=8", "preview.sampler.block_length=4",
 ]
 
 
@@ -177,8 +177,8 @@ def test_sft_per_epoch_evaluation_from_config_logs_one_point_per_epoch(tmp_path,
     train.write_text("".join(json.dumps(e) + "\n" for e in make_arithmetic_examples(48, seed=0)))
     cfg = small_config(tmp_path, data_cache, "name=perepoch", "stage=sft", "sft.epochs=3", "sft.max_steps=-1",
                        f"sft.data.train_files=[{train}]", "sft.data.val_files=[]", "sft.val_every_n_steps=0",
-                       "eval.per_epoch=true", "eval.tasks=[synthetic]", "eval.subset_size=6", "eval.gen_length=4",
-                       "eval.block_length=4", "eval.steps=4", "eval.max_new_tokens=4")
+                       "eval.per_epoch=true", "eval.tasks=[synthetic]", "eval.subset_size=6", "eval.sampler.gen_length=4",
+                       "eval.sampler.block_length=4", "eval.sampler.steps=4")
     result = run_experiment(cfg, preview=False)
     history = MlflowClient(result["tracking_uri"]).get_metric_history(result["mlflow_runs"]["sft"],
                                                                       "eval/synthetic/exact_match")

@@ -58,15 +58,15 @@ def test_real_train_sweep_then_eval_only_sweep_then_report(tmp_path):
     checkpoint = tmp_path / "lr" / "trial_0000" / "pretrain" / "model.pt"
     evals = SweepSpec(
         name="tiny_scoring", mode="eval_only", checkpoint=str(checkpoint),
-        space={"eval.scoring_rule": ParamSpec(choices=["likelihood", "confidence"])},
-        evaluation=EvaluationSpec(overrides=["tasks=[cloze]", f"data.cloze={HELD_OUT}", "limit=6", "mc_samples=2",
+        space={"eval.scoring.rule": ParamSpec(choices=["likelihood", "confidence"])},
+        evaluation=EvaluationSpec(overrides=["tasks=[cloze]", f"data.cloze={HELD_OUT}", "limit=6", "scoring.mc_samples=2",
                                              "cloze_items=6", "device=cpu"]),
         objective=ObjectiveSpec("eval/cloze/acc", "maximize"), output_dir=str(tmp_path / "sc"), tracking_uri=uri,
     )
     scored = run_sweep(evals)
     assert (scored.n_complete, scored.n_failed) == (2, 0)
     study = optuna.load_study(study_name="tiny_scoring", storage=open_storage(evals.resolved_storage))
-    accs = {t.params["eval.scoring_rule"]: t.value for t in study.trials}
+    accs = {t.params["eval.scoring.rule"]: t.value for t in study.trials}
     for rule, trial in zip(("likelihood", "confidence"), study.trials):
         results = json.loads((tmp_path / "sc" / f"trial_{trial.number:04d}" / "eval" / "results.json").read_text())
         assert results["cloze"]["acc"] == pytest.approx(accs[rule])
@@ -86,8 +86,8 @@ def test_multirun_over_training_and_eval_keys_trains_each_config_once(tmp_path):
     # Through the experiment command line, exactly as a user types it.
     assert main([
         str(REPO / "experiments/configs/default.yaml"), "--multirun", *TINY, *cache, "pretrain.val_every_n_steps=0",
-        "eval.scoring_rule=likelihood,confidence", "eval.tasks=[cloze]", f"eval.data.cloze={HELD_OUT}", "eval.limit=4",
-        "eval.mc_samples=2",
+        "eval.scoring.rule=likelihood,confidence", "eval.tasks=[cloze]", f"eval.data.cloze={HELD_OUT}", "eval.limit=4",
+        "eval.scoring.mc_samples=2",
         "eval.cloze_items=4", "eval.device=cpu", "sweep.objective.metric=eval/cloze/acc",
         f"sweep.output_dir={tmp_path / 'mr'}", f"sweep.tracking_uri={uri}",
     ]) == 0
@@ -102,8 +102,8 @@ def test_multirun_over_training_and_eval_keys_trains_each_config_once(tmp_path):
     assert not (tmp_path / "mr" / "trial_0001" / "pretrain").exists()  # evaluated the first trial's model
     run = client.get_run(second.user_attrs["mlflow_run_id"])
     assert run.data.tags["sweep.reused_training_of_trial"] == "0"
-    assert {first.params["eval.scoring_rule"], second.params["eval.scoring_rule"]} == {"likelihood", "confidence"}
-    assert run.data.params["eval.scoring_rule"] == second.params["eval.scoring_rule"]  # GridSampler's order
+    assert {first.params["eval.scoring.rule"], second.params["eval.scoring.rule"]} == {"likelihood", "confidence"}
+    assert run.data.params["eval.scoring.rule"] == second.params["eval.scoring.rule"]  # GridSampler's order
     assert "eval/cloze/acc" in run.data.metrics
 
 
@@ -120,8 +120,8 @@ def test_per_epoch_sweep_trains_once_and_reads_each_epoch(tmp_path):
                    f"sft.data.val_files=[{tmp_path / 'val.jsonl'}]",
                    f"pretrain.data.cache_dir={tmp_path / 'cache'}", f"sft.data.cache_dir={tmp_path / 'cache'}"],
         space={"sft.epochs": ParamSpec(choices=[1, 2])},
-        evaluation=EvaluationSpec(overrides=["tasks=[synthetic]", "subset_size=4", "gen_length=8",
-                                             "block_length=8", "steps=8"]),
+        evaluation=EvaluationSpec(overrides=["tasks=[synthetic]", "subset_size=4", "sampler.gen_length=8",
+                                             "sampler.block_length=8", "sampler.steps=8"]),
         objective=ObjectiveSpec("eval/synthetic/exact_match", "maximize"), output_dir=str(tmp_path / "ep"),
         tracking_uri=uri,
     )

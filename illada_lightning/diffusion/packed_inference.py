@@ -20,10 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from .likelihood import guided_log_probs
+from .sampler_config import PRECISIONS
 
 log = logging.getLogger(__name__)
-
-PRECISIONS = ("auto", "bf16", "fp32")
 
 
 def model_device(model) -> torch.device:
@@ -101,14 +100,27 @@ class PackedForward:
         if self.cfg_scale:
             ids, cu_seqlens = cfg_pack(ids, cu_seqlens, is_prompt, mask_token_id)
         self.features, self.weight = _features(model, ids, cu_seqlens, max_seqlen)
+        self.row_of = None
+
+    @classmethod
+    def from_features(cls, features, weight, total: int, cfg_scale: float = 0.0, row_of=None) -> PackedForward:
+        """A PackedForward over features computed elsewhere (the KV-cached path of `block_cache.py`):
+        `row_of[p]` is the row of `features` that holds flat pack position p (None: row p)."""
+        fwd = cls.__new__(cls)
+        fwd.total, fwd.cfg_scale, fwd.features, fwd.weight, fwd.row_of = total, float(cfg_scale), features, weight, row_of
+        return fwd
+
+    def _rows(self, flat: torch.Tensor) -> torch.Tensor:
+        return flat if self.row_of is None else self.row_of[flat]
 
     def scores(self, positions: torch.Tensor) -> torch.Tensor:
         """Unnormalised log-probabilities [*positions.shape, V]: raw logits without CFG (every use is
         shift-invariant per row: argmax, softmax, Gumbel-max), Eq. 16 log-probs with CFG."""
         flat = positions.reshape(-1)
-        cond = _head(self.features, self.weight, flat)
+        cond = _head(self.features, self.weight, self._rows(flat))
         if self.cfg_scale:
-            cond = guided_log_probs(cond, _head(self.features, self.weight, flat + self.total), self.cfg_scale)
+            uncond = _head(self.features, self.weight, self._rows(flat + self.total))
+            cond = guided_log_probs(cond, uncond, self.cfg_scale)
             cond = cond.to(torch.float64) if self.features.dtype == torch.float64 else cond
         return cond.view(*positions.shape, -1)
 

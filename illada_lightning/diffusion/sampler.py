@@ -29,6 +29,13 @@ masked (LLaDA §2.4, Appendix A.3):
   is the number of response tokens before the current block, until that token has been generated. The
   paper gives no schedule; this linear ramp is ours.
 
+Fast decoding (Fast-dLLM, Wu et al. 2025; both approximate, off by default so that the sampler is LLaDA's
+exact algorithm): ``cache="prefix"|"dual"`` computes each block's first step as a full forward and reuses
+its keys/values of the prompt and finished blocks (and of the masked suffix, ``dual``) for the block's other
+steps (`block_cache.py`); ``parallel="threshold"`` reveals, at each step, every masked token of the block whose
+confidence exceeds ``threshold`` and at least the schedule's k, so a block may finish in fewer steps
+(`reveal_above_threshold`).
+
 Batches: prompts of different lengths are packed into one flat sequence with `cu_seqlens` (no padding),
 so every prompt's result equals its one-by-one generation. A prompt whose completed blocks already contain
 its end (EOS / stop) leaves the batch; tokens after the end are dropped, so this changes no output.
@@ -39,133 +46,29 @@ token that completes it (strip the text yourself).
 
 from __future__ import annotations
 
-import logging
-import math
 import numbers
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from ..options import reject_unknown
+from .block_cache import BlockForward, check_cacheable
 from .packed_inference import (
-    PRECISIONS,
-    PackedForward,
     cu_seqlens_from_lengths,
     inference_context,
     model_device,
     model_special_ids,
     segment_positions,
 )
-
-log = logging.getLogger(__name__)
-
-REMASKING = ("low_confidence", "random")
-
-
-@dataclass
-class SamplerConfig:
-    """Every sampler option (LLaDA §2.4 / Appendix B.4, iLLaDA §2.3 / Appendix A)."""
-
-    steps: int = 128  # forward passes for the whole budget, split evenly across blocks (fewer if it ends early)
-    gen_length: int = 128  # fixed-length mode: response length
-    block_length: int | None = None  # None: gen_length (fixed mode) or 32 (variable mode)
-    remasking: str = "low_confidence"  # low_confidence (Alg. 5) | random (Alg. 4)
-    temperature: float = 0.0  # 0 = greedy
-    cfg_scale: float = 0.0  # unsupervised CFG weight w of LLaDA Eq. 16
-    logits_eos_inf: bool = False
-    confidence_eos_inf: bool = False
-    variable_length: bool = False  # iLLaDA §2.3 block-by-block generation
-    max_new_tokens: int | None = None  # variable mode budget (default gen_length)
-    stop_token_ids: list[int] = field(default_factory=list)  # end generation like EOS (excluded from output)
-    stop_strings: list[str] = field(default_factory=list)  # need `decode` / `tokenizer`
-    think_end_token_id: int | None = None  # e.g. the id of </think>; None disables the boost
-    think_boost_max: float = 5.0
-    think_boost_start: int = 0
-    think_boost_ramp: int = 1024
-    mask_token_id: int | None = None  # default: model.config.mask_token_id
-    eos_token_id: int | None = None  # default: model.config.eos_token_id
-    seed: int | None = None  # for temperature > 0 and random remasking
-    precision: str = "auto"  # auto (bf16 autocast on CUDA) | bf16 | fp32
-
-    def validate(self) -> SamplerConfig:
-        def need(cond: bool, msg: str) -> None:
-            if not cond:
-                raise ValueError(f"sampler: {msg}")
-
-        need(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
-        need(self.gen_length >= 1, f"gen_length must be >= 1, got {self.gen_length}")
-        need(self.block_length is None or self.block_length >= 1, f"block_length must be >= 1, got {self.block_length}")
-        need(self.remasking in REMASKING, f"remasking must be one of {REMASKING}, got {self.remasking!r}")
-        need(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
-        need(self.cfg_scale >= 0, f"cfg_scale must be >= 0, got {self.cfg_scale}")
-        need(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        need(self.think_boost_ramp >= 1, f"think_boost_ramp must be >= 1, got {self.think_boost_ramp}")
-        if self.max_new_tokens is not None:
-            need(self.variable_length, "max_new_tokens applies to variable_length=True; use gen_length for fixed-length generation")
-            need(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if not self.variable_length:
-            need(
-                self.gen_length % self.resolved_block_length == 0,
-                f"gen_length={self.gen_length} is not a multiple of block_length={self.block_length}",
-            )
-        need(
-            self.steps % self.n_blocks == 0,
-            f"steps={self.steps} does not divide across the {self.n_blocks} blocks of length "
-            f"{self.resolved_block_length} (choose steps as a multiple of {self.n_blocks})",
-        )
-        return self
-
-    @property
-    def budget(self) -> int:
-        """Most tokens one prompt may receive."""
-        return self.max_new_tokens if self.variable_length and self.max_new_tokens else self.gen_length
-
-    @property
-    def resolved_block_length(self) -> int:
-        if self.block_length is not None:
-            return min(self.block_length, self.budget)
-        return min(32, self.budget) if self.variable_length else self.gen_length
-
-    @property
-    def n_blocks(self) -> int:
-        return math.ceil(self.budget / self.resolved_block_length)
-
-    def block_plan(self) -> list[tuple[int, int, list[int]]]:
-        """(start, length, tokens revealed per step) for every block."""
-        bl, per_block = self.resolved_block_length, self.steps // self.n_blocks
-        if per_block > bl:
-            log.info("sampler: %d steps per block exceed block_length=%d; using %d (extra steps reveal nothing)",
-                     per_block, bl, bl)
-        plan = []
-        for start in range(0, self.budget, bl):
-            n = min(bl, self.budget - start)
-            plan.append((start, n, transfer_schedule(n, min(per_block, n))))
-        return plan
-
-
-def sampler_config(**options) -> SamplerConfig:
-    """Build and validate a SamplerConfig; an unknown option is a TypeError naming it."""
-    reject_unknown(SamplerConfig, options, "sampler")
-    for key in ("stop_token_ids", "stop_strings"):
-        if key in options and options[key] is not None:
-            options[key] = list(options[key])
-        elif key in options:
-            options[key] = []
-    return SamplerConfig(**options).validate()
-
-
-def transfer_schedule(n_masked: int, steps: int) -> list[int]:
-    """Tokens revealed at each of `steps` steps for a block of `n_masked` masks (the linear schedule)."""
-    base, extra = divmod(n_masked, steps)
-    return [base + (i < extra) for i in range(steps)]
-
-
-def think_boost(config: SamplerConfig, generated: int) -> float:
-    """Logit bias for the stop-thinking token after `generated` response tokens (iLLaDA Appendix A)."""
-    ramp = (generated - config.think_boost_start) / config.think_boost_ramp
-    return config.think_boost_max * min(1.0, max(0.0, ramp))
-
+from .sampler_config import (  # noqa: F401  (re-exported: the sampler's public API)
+    CACHE_MODES,
+    PARALLEL_MODES,
+    REMASKING,
+    SamplerConfig,
+    sampler_config,
+    think_boost,
+    transfer_schedule,
+)
 
 # --------------------------------------------------------------------------------------------------
 # One sampling step on a batch of blocks: pure tensor functions.
@@ -205,6 +108,28 @@ def reveal_step(
     rank = rank.masked_fill(block != mask_token_id, float("-inf"))
     chosen = rank.topk(k, dim=-1).indices
     return block.scatter(-1, chosen, proposed.gather(-1, chosen))
+
+
+def reveal_above_threshold(
+    block: torch.Tensor, proposed: torch.Tensor, confidence: torch.Tensor, k: int, threshold: float,
+    mask_token_id: int, last: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Confidence-aware parallel decoding (Fast-dLLM): reveal every masked position whose confidence exceeds
+    `threshold`, and at least the k most confident ones (fewer only when fewer masks are left in the row).
+
+    Rows may hold different numbers of masks here (they reveal different counts). `last` proposals (EOS under
+    `confidence_eos_inf`) never pass the threshold and are ranked below every other masked position.
+    """
+    masked = block == mask_token_id
+    rank = confidence.clone()
+    if last is not None:
+        rank = torch.where(last, rank - 2.0, rank)
+    rank = rank.masked_fill(~masked, float("-inf"))
+    count = torch.minimum((rank > threshold).sum(-1).clamp_min(k), masked.sum(-1))
+    order = rank.sort(dim=-1, descending=True, stable=True).indices
+    take = torch.arange(block.shape[-1], device=block.device) < count[:, None]
+    chosen = torch.zeros_like(masked).scatter(-1, order, take)
+    return torch.where(chosen, proposed, block)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -295,6 +220,7 @@ def generate_batch(
     if config.stop_strings and decode is None:
         raise ValueError("stop_strings need a `decode` callable or a `tokenizer`")
     _check_prompts(prompts, mask_id, config.budget, special["max_seq_len"])
+    check_cacheable(model, config.cache)
     device = model_device(model)
     if generator is None and config.seed is not None:
         generator = torch.Generator(device=device).manual_seed(config.seed)
@@ -330,13 +256,13 @@ def generate_batch(
                               n_prompt_tokens + act[seq] * budget + local - prompt_lens[act][seq])
             block_pos = (cu[:-1].long() + prompt_lens[act])[:, None] + start + torch.arange(length)
             src, is_prompt, block_pos = src.to(device), is_prompt.to(device), block_pos.to(device)
-            cu_dev, max_seqlen = cu.to(device), int(seq_lens.max())
             x = source[src]
             bias = _think_bias(config, active, think_done, start, device)
+            forward = BlockForward(model, seq_lens, prompt_lens[act], start, length, is_prompt, mask_id,
+                                   config.cfg_scale, config.cache, device)
 
             for k in schedule:
-                fwd = PackedForward(model, x, cu_dev, max_seqlen, is_prompt=is_prompt, mask_token_id=mask_id,
-                                    cfg_scale=config.cfg_scale)
+                fwd = forward(x)
                 scores = fwd.scores(block_pos)  # [A, length, V]
                 scores[..., mask_id] = float("-inf")  # the mask predictor predicts clean tokens only
                 if config.logits_eos_inf and eos_id is not None:
@@ -346,10 +272,16 @@ def generate_batch(
                 proposed = propose_tokens(scores, config.temperature, generator)
                 confidence = proposal_confidence(scores, proposed, config.remasking, generator)
                 last = (proposed == eos_id) if config.confidence_eos_inf and eos_id is not None else None
-                block = reveal_step(x[block_pos], proposed, confidence, k, mask_id, last)
+                if config.parallel == "off":
+                    block = reveal_step(x[block_pos], proposed, confidence, k, mask_id, last)
+                else:
+                    block = reveal_above_threshold(x[block_pos], proposed, confidence, k, config.threshold,
+                                                   mask_id, last)
                 x[block_pos] = block
+                if config.parallel != "off" and not bool((block == mask_id).any()):  # host sync per step
+                    break
             for b in active:
-                n_forward[b] += len(schedule)
+                n_forward[b] += forward.calls
 
             # Write the decoded block back to the canvases, then decide who stops (one sync per block).
             canvas_pos = n_prompt_tokens + act.to(device)[:, None] * budget + start + torch.arange(length, device=device)

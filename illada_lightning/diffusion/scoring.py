@@ -17,7 +17,8 @@ Batching: every (context, candidate) pair of every question is its own packed se
 `cu_seqlens`, no padding); pairs are sorted by length and cut into forwards of at most
 `max_tokens_per_batch` tokens. In confidence scoring the pack only shrinks when the shortest candidates
 finish (they are at its end, so the pack is a prefix slice), so each of the L steps is one forward.
-`length_normalize` divides a score by the candidate's length.
+`length_normalize` divides a score by the candidate's length. Fast confidence scoring (`cache=context`,
+`parallel=threshold`, approximate) is described in `diffusion/confidence.py`.
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..model.kv_cache import supports_kv_cache
 from ..options import reject_unknown
 from .likelihood import STRATIFICATIONS, grouped_mask_counts
+from .confidence import confidence_cached, confidence_exact
 from .packed_inference import (
     PRECISIONS,
     PackedForward,
@@ -40,6 +43,8 @@ from .packed_inference import (
 )
 
 RULES = ("confidence", "likelihood")
+CACHE_MODES = ("none", "context")  # confidence rule: see diffusion/confidence.py
+PARALLEL_MODES = ("off", "threshold")
 
 
 @dataclass
@@ -54,6 +59,10 @@ class ScoringConfig:
     mask_token_id: int | None = None  # default: model.config.mask_token_id
     seed: int | None = None  # likelihood rule: mask sampling
     precision: str = "auto"  # auto (bf16 autocast on CUDA) | bf16 | fp32
+    # Fast confidence scoring (approximate; none/off is exact Eq. 2): diffusion/confidence.py.
+    cache: str = "none"  # none | context (each question's context K/V computed once, reused by all steps)
+    parallel: str = "off"  # off | threshold (also reveal every ground-truth token with p > threshold)
+    threshold: float = 0.9
 
     def validate(self) -> ScoringConfig:
         def need(cond: bool, msg: str) -> None:
@@ -68,6 +77,9 @@ class ScoringConfig:
              f"mc_stratification must be one of {STRATIFICATIONS}, got {self.mc_stratification!r}")
         need(self.max_tokens_per_batch >= 1, f"max_tokens_per_batch must be >= 1, got {self.max_tokens_per_batch}")
         need(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        need(self.cache in CACHE_MODES, f"cache must be one of {CACHE_MODES}, got {self.cache!r}")
+        need(self.parallel in PARALLEL_MODES, f"parallel must be one of {PARALLEL_MODES}, got {self.parallel!r}")
+        need(0 < self.threshold, f"threshold must be > 0, got {self.threshold}")
         return self
 
 
@@ -136,51 +148,21 @@ def _chunks(sizes: list[int], budget: int) -> list[tuple[int, int]]:
 # Confidence rule (iLLaDA Eq. 2)
 
 
-def _confidence_group(model, pairs: list[_Pair], mask_id: int, cfg_scale: float, device) -> torch.Tensor:
-    """Eq. 2 for pairs sorted by candidate length (longest first); float64 [n]."""
-    n = len(pairs)
-    ctx_lens = torch.tensor([p.context.numel() for p in pairs])
-    cand_lens = torch.tensor([p.candidate.numel() for p in pairs])
-    seq_lens = ctx_lens + cand_lens
-    cu = cu_seqlens_from_lengths(seq_lens)
-    seq, local = segment_positions(seq_lens)
-    is_prompt = local < ctx_lens[seq]
-    x = torch.full((int(seq_lens.sum()),), mask_id, dtype=torch.long)
-    x[is_prompt] = torch.cat([p.context for p in pairs])
-    longest = int(cand_lens[0])
-    # Candidate slots [n, longest]; slots past a candidate's end point at its first slot and never count.
-    slot = torch.arange(longest)
-    valid = slot < cand_lens[:, None]
-    positions = cu[:-1, None].long() + ctx_lens[:, None] + torch.where(valid, slot, 0)
-    targets = torch.zeros(n, longest, dtype=torch.long)
-    targets[valid] = torch.cat([p.candidate for p in pairs])
-
-    x, is_prompt, positions, targets, cu_dev = (t.to(device) for t in (x, is_prompt, positions, targets, cu))
-    still_masked = valid.to(device)
-    scores = torch.zeros(n, dtype=torch.float64, device=device)
-    rows = torch.arange(n, device=device)
-    for step in range(longest):
-        alive = int((cand_lens > step).sum())  # host: candidates are sorted longest first
-        tokens = int(cu[alive])
-        fwd = PackedForward(model, x[:tokens], cu_dev[: alive + 1], int(seq_lens[:alive].max()),
-                            is_prompt=is_prompt[:tokens], mask_token_id=mask_id, cfg_scale=cfg_scale)
-        logp = fwd.target_log_probs(positions[:alive], targets[:alive]).double()
-        logp = logp.masked_fill(~still_masked[:alive], float("-inf"))
-        best = logp.argmax(1)  # the most confident still-masked ground-truth token
-        r = rows[:alive]
-        scores[:alive] += logp[r, best]
-        still_masked[r, best] = False
-        x[positions[r, best]] = targets[r, best]
-    return scores
-
-
 def _confidence_scores(model, pairs: list[_Pair], mask_id: int, config: ScoringConfig, device) -> torch.Tensor:
     order = sorted(range(len(pairs)), key=lambda i: -pairs[i].candidate.numel())
     factor = 2 if config.cfg_scale else 1
     out = torch.zeros(len(pairs), dtype=torch.float64)
+    threshold = config.threshold if config.parallel == "threshold" else None
+    n_masks: dict[int, int] = {}  # context cache: masks after each context = its longest candidate
+    for p in pairs:
+        n_masks[p.item] = max(n_masks.get(p.item, 0), p.candidate.numel())
     for start, end in _chunks([pairs[i].length * factor for i in order], config.max_tokens_per_batch):
-        idx = order[start:end]
-        out[idx] = _confidence_group(model, [pairs[i] for i in idx], mask_id, config.cfg_scale, device).cpu()
+        group = [pairs[i] for i in order[start:end]]
+        if config.cache == "context":
+            scores = confidence_cached(model, group, mask_id, config.cfg_scale, device, threshold, n_masks)
+        else:
+            scores = confidence_exact(model, group, mask_id, config.cfg_scale, device, threshold)
+        out[order[start:end]] = scores.cpu()
     return out
 
 
@@ -265,6 +247,9 @@ def score_batch(model, items: Sequence, rule: str = "confidence", *, generator: 
     mask_id = config.mask_token_id if config.mask_token_id is not None else special["mask_token_id"]
     if mask_id is None:
         raise ValueError("mask_token_id is unknown: the model has no config; pass mask_token_id=...")
+    if config.rule == "confidence" and config.cache != "none" and not supports_kv_cache(model):
+        raise ValueError(f"scoring cache={config.cache!r} needs a MaskPredictor; got {type(model).__name__}: "
+                         "use cache=none")
     pairs = _pairs(items, mask_id, special["max_seq_len"])
     device = model_device(model)
     if generator is None and config.seed is not None:

@@ -2,10 +2,10 @@
 
 - `ChoiceScorer`: `scorer(items) -> scores`, items = [(context_ids, [candidate_ids, ...]), ...], scores = one
   list of floats per item (higher is better). The model-backed one calls `diffusion.scoring.score_batch` with
-  `scoring_rule` = "confidence" (iLLaDA Eq. 2) or "likelihood" (LLaDA Eq. 6, `mc_samples`, `mc_batch_size`,
-  `cfg_scale`, seeded).
+  the `scoring` group of the `EvalConfig` (`scoring.rule` = "confidence", iLLaDA Eq. 2, or "likelihood",
+  LLaDA Eq. 6, seeded).
 - `AnswerGenerator`: `generator(prompts, stop_strings) -> generated ids`, prompts = [prompt_ids, ...]. The
-  model-backed one calls `diffusion.sampler.generate` with the sampler options of the `EvalConfig`.
+  model-backed one calls `diffusion.sampler.generate` with the `sampler` group of the `EvalConfig`.
 """
 
 from __future__ import annotations
@@ -33,14 +33,12 @@ def model_scorer(model, cfg: EvalConfig) -> ChoiceScorer:
 
     # One generator for the whole evaluation: the Monte-Carlo masks of the likelihood rule are reproducible
     # for a seed (the confidence rule is deterministic and ignores it).
-    generator = torch.Generator().manual_seed(cfg.seed)
-    options = {}
-    if cfg.scoring_rule == "likelihood":
-        options = dict(mc_samples=cfg.mc_samples, mc_batch_size=cfg.mc_batch_size, cfg_scale=cfg.cfg_scale,
-                       mc_stratification=cfg.mc_stratification, generator=generator)
+    options = cfg.scoring_options()
+    generator = torch.Generator().manual_seed(options.pop("seed"))
+    rule = options.pop("rule")
 
     def score(items: Sequence[Item]) -> list[list[float]]:
-        scores = score_batch(model, list(items), rule=cfg.scoring_rule, **options)
+        scores = score_batch(model, list(items), rule=rule, generator=generator, **options)
         return [[float(s) for s in row] for row in scores]
 
     return score
@@ -50,9 +48,10 @@ def model_generator(model, tokenizer, cfg: EvalConfig) -> AnswerGenerator:
     from illada_lightning.diffusion.sampler import generate
 
     options = cfg.sampler_options()
+    configured_stops = options.pop("stop_strings")
 
     def answer(prompts: Sequence[list[int]], stop_strings: Sequence[str] = ()) -> list[list[int]]:
-        return generate(model, [list(p) for p in prompts], tokenizer=tokenizer, stop_strings=list(stop_strings),
-                        **options)
+        return generate(model, [list(p) for p in prompts], tokenizer=tokenizer,
+                        stop_strings=[*configured_stops, *stop_strings], **options)
 
     return answer

@@ -1,34 +1,36 @@
 """`EvalConfig`: what to evaluate and how (the `eval` group of the experiment config).
 
 One dataclass serves the evaluation CLI (`python -m experiments.evaluate ...`), the per-epoch callback
-and sweeps. Key names are the papers' words and the argument names of the functions they feed:
-`scoring_rule`, `mc_samples`, `mc_batch_size`, `cfg_scale` go to the multiple-choice scorer
-(`diffusion/scoring.py`); `steps`, `gen_length`, `block_length`, `remasking`, `temperature`,
-`variable_length`, `max_new_tokens` go to the sampler (`diffusion/sampler.py`).
+and sweeps. The multiple-choice scorer's settings are the nested `scoring` group
+(`diffusion.scoring.ScoringConfig`: `scoring.rule`, `scoring.mc_samples`, `scoring.cache`, ...) and the
+sampler's the nested `sampler` group (`diffusion.sampler_config.SamplerConfig`: `sampler.steps`,
+`sampler.gen_length`, `sampler.cache`, `sampler.parallel`, ...): one dataclass per concept, validated by its
+own `validate()`, with the evaluation defaults below (iLLaDA §2.3 / Appendix A: blocks of 32).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
-from ..diffusion.likelihood import STRATIFICATIONS
+from ..diffusion.sampler_config import SamplerConfig
+from ..diffusion.scoring import ScoringConfig
 
-SCORING_RULES = ("confidence", "likelihood")
-REMASKING = ("low_confidence", "random")
+
+def eval_sampler_defaults() -> SamplerConfig:
+    """Generation tasks: 256 tokens in blocks of 32, one token per step (variable length: budget gen_length)."""
+    return SamplerConfig(steps=256, gen_length=256, block_length=32)
 
 
 @dataclass
 class EvalConfig:
     # Registered task names (see `evaluation.tasks.registered_tasks()`).
     tasks: list[str] = field(default_factory=lambda: ["cloze"])
-    # Multiple choice: iLLaDA Eq. 2 ("confidence", the paper's default) or LLaDA Eq. 6 ("likelihood").
-    scoring_rule: str = "confidence"
-    mc_samples: int = 128  # LLaDA B.6: 128 Monte-Carlo samples are enough for stable multi-token answers
-    mc_batch_size: int = 32
-    # Mask counts of the likelihood rule: "uniform" (Eq. 6 as written, unbiased) or "llada_released" (the
-    # rounding of LLaDA's eval_llada.py, to match published numbers; see diffusion/likelihood.py).
-    mc_stratification: str = "uniform"
-    cfg_scale: float = 0.0
+    # Multiple choice: `scoring.rule` = iLLaDA Eq. 2 ("confidence", the paper's default) or LLaDA Eq. 6
+    # ("likelihood"; LLaDA B.6: `scoring.mc_samples=128` are enough for stable multi-token answers).
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    # Generation tasks (`sampler.variable_length=true`, `sampler.max_new_tokens` for open-ended answers;
+    # `sampler.confidence_eos_inf=true`: LLaDA B.4, EOS revealed last, for instruct models on GSM8K).
+    sampler: SamplerConfig = field(default_factory=eval_sampler_defaults)
     # First `limit` examples of each task (None: all), as lm-evaluation-harness does.
     limit: int | None = None
     seed: int = 1234
@@ -41,15 +43,6 @@ class EvalConfig:
     # Prompts through the tokenizer's chat template (instruct models). None: each task's default
     # (the synthetic instruction task uses the template, the benchmarks use plain text).
     chat_template: bool | None = None
-    # Generation tasks (iLLaDA §2.3 and Appendix A: block length 32; variable length for open-ended answers).
-    gen_length: int = 256
-    block_length: int = 32
-    steps: int = 256
-    remasking: str = "low_confidence"
-    temperature: float = 0.0
-    variable_length: bool = False
-    max_new_tokens: int = 512  # variable_length only: the generation budget
-    confidence_eos_inf: bool = False  # LLaDA B.4: EOS revealed last (instruct models on GSM8K)
     # Per-task data files: `data.<task>=<path>` replaces the task's default path.
     data: dict[str, str] = field(default_factory=dict)
     # Generated tasks.
@@ -76,25 +69,20 @@ class EvalConfig:
                 raise ValueError(f"eval config: {msg}")
 
         need(len(self.tasks) > 0, "tasks is empty; name at least one task")
-        need(self.scoring_rule in SCORING_RULES, f"scoring_rule={self.scoring_rule!r} is not one of {SCORING_RULES}")
-        need(self.mc_stratification in STRATIFICATIONS,
-             f"mc_stratification={self.mc_stratification!r} is not one of {STRATIFICATIONS}")
-        need(self.remasking in REMASKING, f"remasking={self.remasking!r} is not one of {REMASKING}")
-        for key in ("mc_samples", "mc_batch_size", "batch_size", "gen_length", "block_length", "steps",
-                    "max_new_tokens", "every_n_epochs", "cloze_items", "cloze_context_words",
-                    "cloze_continuation_words"):
+        for key in ("batch_size", "every_n_epochs", "cloze_items", "cloze_context_words", "cloze_continuation_words"):
             need(getattr(self, key) >= 1, f"{key} must be >= 1, got {getattr(self, key)}")
         need(self.cloze_choices >= 2, f"cloze_choices must be >= 2, got {self.cloze_choices}")
-        need(self.cfg_scale >= 0, f"cfg_scale must be >= 0, got {self.cfg_scale}")
-        need(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
         need(self.limit is None or self.limit >= 1, f"limit must be >= 1 or null, got {self.limit}")
         need(self.subset_size is None or self.subset_size >= 1,
              f"subset_size must be >= 1 or null, got {self.subset_size}")
         need(self.num_fewshot is None or self.num_fewshot >= 0, f"num_fewshot must be >= 0, got {self.num_fewshot}")
         for task, k in self.fewshot.items():
             need(k >= 0, f"fewshot.{task} must be >= 0, got {k}")
-        need(self.variable_length or self.gen_length % self.block_length == 0,
-             f"gen_length={self.gen_length} is not a multiple of block_length={self.block_length}")
+        for group in (self.scoring, self.sampler):
+            try:
+                group.validate()
+            except ValueError as exc:
+                raise ValueError(f"eval config: {exc}") from None
         # Task names are checked against the registry here so a typo fails before a model is loaded.
         from .tasks import check_task_names
 
@@ -102,16 +90,20 @@ class EvalConfig:
         return self
 
     def sampler_options(self) -> dict:
-        """Keyword arguments for `generate(model, prompts, **options)` (see `diffusion.sampler.SamplerConfig`)."""
-        options = dict(steps=self.steps, gen_length=self.gen_length, block_length=self.block_length,
-                       remasking=self.remasking, temperature=self.temperature, cfg_scale=self.cfg_scale,
-                       variable_length=self.variable_length, confidence_eos_inf=self.confidence_eos_inf,
-                       seed=self.seed)
-        if self.variable_length:
-            options["max_new_tokens"] = self.max_new_tokens
+        """Keyword arguments for `generate(model, prompts, **options)`: the `sampler` group (its seed: `seed`)."""
+        options = asdict(self.sampler)
+        if options["seed"] is None:
+            options["seed"] = self.seed
+        return options
+
+    def scoring_options(self) -> dict:
+        """Keyword arguments for `score_batch(model, items, **options)`: the `scoring` group (seed: `seed`)."""
+        options = asdict(self.scoring)
+        if options["seed"] is None:
+            options["seed"] = self.seed
         return options
 
     @property
     def generation_budget(self) -> int:
         """Most tokens one answer may take (room to leave after the prompt)."""
-        return self.max_new_tokens if self.variable_length else self.gen_length
+        return self.sampler.budget

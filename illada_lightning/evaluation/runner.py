@@ -103,10 +103,13 @@ def output_settings(task: Task, cfg: EvalConfig, model_id: str) -> dict:
     settings = dict(task=task.name, model=model_id, seed=cfg.seed, fewshot=cfg.fewshot_for(task.name, task.num_fewshot),
                     data=str(cfg.data.get(task.name, task.default_path)))
     if task.kind == MULTIPLE_CHOICE:
-        settings.update(scoring_rule=cfg.scoring_rule)
-        if cfg.scoring_rule == "likelihood":
-            settings.update(mc_samples=cfg.mc_samples, mc_batch_size=cfg.mc_batch_size, cfg_scale=cfg.cfg_scale,
-                            mc_stratification=cfg.mc_stratification)
+        scoring = cfg.scoring_options()
+        settings.update(scoring_rule=scoring["rule"], cfg_scale=scoring["cfg_scale"])
+        if scoring["rule"] == "likelihood":
+            settings.update(mc_samples=scoring["mc_samples"], mc_batch_size=scoring["mc_batch_size"],
+                            mc_stratification=scoring["mc_stratification"])
+        else:
+            settings.update(cache=scoring["cache"], parallel=scoring["parallel"], threshold=scoring["threshold"])
     else:
         settings.update(chat=task.uses_chat(cfg), **cfg.sampler_options())
     if task.name == "cloze":

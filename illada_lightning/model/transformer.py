@@ -38,16 +38,20 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=False)
         self.out = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
 
-    def forward(self, x, cos, sin, layout: PackedLayout) -> torch.Tensor:
+    def project(self, x, cos, sin) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rotated queries [B, L, H, D], rotated keys and values [B, L, H_kv, D] (also used by model/kv_cache.py)."""
         B, L, _ = x.shape
         q, k, v = self.qkv(x).split(
             [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1
         )
         q = apply_rope(q.view(B, L, self.n_heads, self.head_dim), cos, sin)
         k = apply_rope(k.view(B, L, self.n_kv_heads, self.head_dim), cos, sin)
-        v = v.view(B, L, self.n_kv_heads, self.head_dim)
+        return q, k, v.view(B, L, self.n_kv_heads, self.head_dim)
+
+    def forward(self, x, cos, sin, layout: PackedLayout) -> torch.Tensor:
+        q, k, v = self.project(x, cos, sin)
         backend = resolve_backend(self.cfg.attention_backend, q.device, q.dtype)
-        return self.out(attention(q, k, v, layout, backend).reshape(B, L, -1))
+        return self.out(attention(q, k, v, layout, backend).reshape(*x.shape[:2], -1))
 
 
 class SwiGLU(nn.Module):

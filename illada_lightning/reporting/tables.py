@@ -22,6 +22,8 @@ EVAL_KEY = re.compile(r"^eval/([^/]+)/([^/]+)$")
 # Which paper table a swept key mirrors (matched on the key's last component).
 TITLES = (
     ("scoring_rule", "Scoring rule × task (layout of iLLaDA Table 4)"),
+    ("scoring.rule", "Scoring rule × task (layout of iLLaDA Table 4)"),
+    ("sampler.cache", "Decoding cache × threshold × task (Fast-dLLM-style speed/quality trade-off)"),
     ("block_length", "Block length × task (layout of LLaDA Table 7)"),
     ("remasking", "Remasking strategy × task (layout of LLaDA Table 9)"),
     ("epochs", "SFT epochs × task (the numbers behind iLLaDA Fig. 1)"),

@@ -191,7 +191,7 @@ def setup_per_epoch(ctx: SetupContext) -> dict[str, Any]:
         # The experiment attaches the callback to SFT itself (`eval.per_epoch=true`); hand it our settings
         # (those its `eval` group has: `device`, `ckpt`, ... belong to the evaluation CLI only).
         extra = [f"{EVAL_PREFIX}{o}" for o in [*ctx.spec.evaluation.overrides, *ctx.spec.evaluation.task_overrides()]
-                 if o.split("=", 1)[0].split(".", 1)[0] in fields]
+                 if o.split("=", 1)[0].split(".", 1)[0] in fields]  # nested keys too: sampler.steps=...
         extra.append("eval.per_epoch=true")
         callbacks = []
     else:

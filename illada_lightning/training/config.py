@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 
 from ..data.config import DataConfig, SFTDataConfig, TokenizerConfig
 from ..diffusion.objective import DiffusionConfig
+from ..diffusion.sampler_config import SamplerConfig
 from ..evaluation.config import EvalConfig
 from ..model.config import PRESETS, ModelConfig
 
@@ -173,13 +174,11 @@ class PreviewConfig:
     """The few answers printed after SFT (through `diffusion.sampler.generate`)."""
 
     num_prompts: int = 3
-    gen_length: int = 32  # the token budget (max_new_tokens in variable-length mode)
-    steps: int = 32
-    block_length: int = 8
-    # iLLaDA §2.3 block-by-block generation that stops at EOS: the matching decoder for whole_window SFT,
-    # which never trains on positions after an example's EOS.
-    variable_length: bool = True
     prompts: list[str] = field(default_factory=list)  # empty: the first test/validation prompts
+    # `preview.sampler.*`: a budget of 32 tokens in blocks of 8, with iLLaDA §2.3 block-by-block generation
+    # that stops at EOS (the matching decoder for whole_window SFT).
+    sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(
+        steps=32, gen_length=32, block_length=8, variable_length=True))
 
 
 @dataclass

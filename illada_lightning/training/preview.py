@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -32,8 +33,5 @@ def preview_answers(cfg: ExperimentConfig, model, tokenizer) -> list[dict[str, s
     device = next(model.parameters()).device
     model.eval()
     ids = [torch.tensor(tokenizer.encode(p), dtype=torch.long, device=device) for p in prompts]
-    p = cfg.preview
-    outputs = generate(model, ids, steps=p.steps, gen_length=p.gen_length, block_length=p.block_length,
-                       variable_length=p.variable_length, max_new_tokens=p.gen_length if p.variable_length else None,
-                       generator=torch.Generator(device).manual_seed(cfg.seed))
+    outputs = generate(model, ids, **asdict(cfg.preview.sampler), generator=torch.Generator(device).manual_seed(cfg.seed))
     return [{"prompt": p, "answer": tokenizer.decode(out)} for p, out in zip(prompts, outputs)]
