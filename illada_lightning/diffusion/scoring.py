@@ -30,8 +30,8 @@ import torch
 
 from ..model.kv_cache import supports_kv_cache
 from ..options import reject_unknown
-from .likelihood import STRATIFICATIONS, grouped_mask_counts
 from .confidence import confidence_cached, confidence_exact
+from .likelihood import STRATIFICATIONS, grouped_mask_counts
 from .packed_inference import (
     PRECISIONS,
     PackedForward,
