@@ -7,7 +7,7 @@
     python -m experiments.run resume=auto                       # continue an interrupted run
 
 The config file defaults to experiments/configs/default.yaml; every key of
-`illada_lightning.training.config.ExperimentConfig` can be overridden. All logic lives in
+`illada_lightning.experiment.ExperimentConfig` can be overridden. All logic lives in
 `illada_lightning.training.experiment.run_experiment`.
 """
 
@@ -68,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return multirun_main(argv)
     from illada_lightning.config import ConfigError, load_config
-    from illada_lightning.training.config import ExperimentConfig
-    from illada_lightning.training.experiment import TrainingInterrupted, is_rank_zero, run_experiment
+    from illada_lightning.experiment import ExperimentConfig, run_experiment
+    from illada_lightning.training.experiment import TrainingInterrupted, is_rank_zero
 
     config_path, overrides = split_args(argv)
     try:

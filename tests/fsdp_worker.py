@@ -24,9 +24,8 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 
 from illada_lightning.config import load_config
+from illada_lightning.experiment import ExperimentConfig, run_experiment
 from illada_lightning.training.callbacks import LossPlateauLRSwitch, NonFiniteLossError, NonFiniteLossGuard
-from illada_lightning.training.config import ExperimentConfig
-from illada_lightning.training.experiment import run_experiment
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_YAML = REPO / "experiments" / "configs" / "default.yaml"

@@ -15,8 +15,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "illada_lightning"
 
 # Sub-package (or top-level module) -> layer. Lower numbers are lower layers.
 LAYERS = {
-    "options": 0, "provenance": 0, "config": 0, "logs": 0,
-    "model": 1,
+    "options": 0, "provenance": 0, "logs": 0,
+    "model": 1, "config": 1,  # the config loader knows the model presets (`model=<preset>`)
     "diffusion": 2,
     "data": 3,
     "checkpoint": 4, "interop": 4, "runs": 4,
@@ -35,12 +35,21 @@ def module_name(path: Path) -> str:
 MODULES = {module_name(p): p for p in PACKAGE.rglob("*.py")}
 
 
+def _is_type_checking_block(node) -> bool:
+    return isinstance(node, ast.If) and getattr(node.test, "id", getattr(node.test, "attr", None)) == "TYPE_CHECKING"
+
+
 def imported_modules(name: str) -> set[str]:
     """Package modules that `name` imports, anywhere in the file (relative imports resolved)."""
     path = MODULES[name]
     package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    type_only = {id(n) for block in ast.walk(tree) if _is_type_checking_block(block)
+                 for stmt in block.body for n in ast.walk(stmt)}
+    for node in ast.walk(tree):
+        if id(node) in type_only:
+            continue  # `if TYPE_CHECKING:` imports never run
         if isinstance(node, ast.Import):
             targets = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):

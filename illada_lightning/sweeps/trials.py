@@ -1,5 +1,5 @@
 """The built-in trials: each one runs the library entry points of `python -m experiments.run`
-(`training.experiment.run_experiment`) and `python -m experiments.evaluate` (`evaluation.cli.run_evaluation`),
+(`experiment.run_experiment`) and `python -m experiments.evaluate` (`evaluation.cli.run_evaluation`),
 so a trial is an ordinary experiment run — there is no second training or evaluation loop here.
 
 MLflow nesting: the trial's run (created by the sweep runner, nested under the sweep's parent) *is* the
@@ -51,7 +51,7 @@ def _experiment_config(spec: SweepSpec, extra: list[str], run_dir: Path, run_nam
 
 def _train(cfg, run_dir: Path, run_id: str, client, extra_callbacks=()) -> dict:
     """`run_experiment(cfg)` logging into `run_id` as its parent run; stage runs are closed on failure."""
-    from ..training.experiment import run_experiment
+    from ..experiment import run_experiment
 
     run_dir.mkdir(parents=True, exist_ok=True)
     runs_file = run_dir / RUNS_FILE

@@ -1,6 +1,6 @@
 """Typed configuration of a training experiment (pretraining, SFT, or both), read by `load_config`.
 
-    cfg = load_config(ExperimentConfig, "experiments/configs/default.yaml", ["stage=pretrain", "model=small"])
+    cfg = load_config(TrainingConfig, "experiments/configs/default.yaml", ["stage=pretrain", "model=small"])
 
 Defaults follow the iLLaDA 8B recipe where the paper gives a value (§2.1-2.2: AdamW, weight decay 0.1,
 pretraining peak 2e-4 / minimum 5e-6, SFT peak 5e-6 / minimum 5e-7 with decay over the last 10%); the
@@ -14,7 +14,6 @@ from dataclasses import dataclass, field, replace
 from ..data.config import DataConfig, SFTDataConfig, TokenizerConfig
 from ..diffusion.objective import DiffusionConfig
 from ..diffusion.sampler_config import SamplerConfig
-from ..evaluation.config import EvalConfig
 from ..model.config import PRESETS, ModelConfig
 
 STAGES = ("pretrain", "sft", "all")
@@ -182,7 +181,7 @@ class PreviewConfig:
 
 
 @dataclass
-class ExperimentConfig:
+class TrainingConfig:
     name: str = "default"
     stage: str = "all"  # pretrain | sft | all (pretrain, then SFT from its final weights)
     seed: int = 1234
@@ -211,11 +210,8 @@ class ExperimentConfig:
     progress_bar: bool = True
     mlflow: MLflowConfig = field(default_factory=MLflowConfig)
     preview: PreviewConfig = field(default_factory=PreviewConfig)
-    # Evaluation settings: `eval.per_epoch=true` evaluates `eval.tasks` after every SFT epoch
-    # (evaluation/callback.py); sweeps and `experiments.evaluate` read the same group.
-    eval: EvalConfig = field(default_factory=EvalConfig)
 
-    def validate(self) -> ExperimentConfig:
+    def validate(self) -> TrainingConfig:
         _need(bool(self.name) and "/" not in self.name, f"name must be a non-empty name without '/', got {self.name!r}")
         _need(self.stage in STAGES, f"stage must be one of {STAGES}, got {self.stage!r}")
         _need(self.resume in ("never", "auto"), f"resume must be 'never' or 'auto', got {self.resume!r}")

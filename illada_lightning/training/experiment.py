@@ -1,4 +1,4 @@
-"""`run_experiment(cfg)`: pretraining, SFT, or both, with checks first, MLflow tracking and resume.
+"""`run_training(cfg)`: pretraining, SFT, or both, with checks first, MLflow tracking and resume.
 
 Order of work, one module per job:
 1. `preflight.py`: everything that can be wrong is checked before any training step.
@@ -25,7 +25,7 @@ import yaml
 from ..config import ConfigError, flatten, to_dict, to_yaml
 from ..runs import CONFIG_FILE
 from .checkpoint import atomic_write, load_checkpoint
-from .config import ExperimentConfig
+from .config import TrainingConfig
 from .interrupt import GracefulStop, TrainingInterrupted
 from .preflight import RunDirectoryError, is_rank_zero, preflight, stages_of  # noqa: F401  (public names)
 from .preview import preview_answers
@@ -34,10 +34,10 @@ from .tracking import Tracker, tracking_uri, ui_command
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RunDirectoryError", "TrainingInterrupted", "is_rank_zero", "run_experiment", "stages_of"]
+__all__ = ["RunDirectoryError", "TrainingInterrupted", "is_rank_zero", "run_training", "stages_of"]
 
 
-def warn_config_drift(cfg: ExperimentConfig, saved: Path) -> list[str]:
+def warn_config_drift(cfg: TrainingConfig, saved: Path) -> list[str]:
     """On resume, name the settings that differ from the run being continued (allowed, but worth seeing)."""
     if cfg.resume != "auto" or not saved.is_file():
         return []
@@ -51,7 +51,7 @@ def warn_config_drift(cfg: ExperimentConfig, saved: Path) -> list[str]:
     return changed
 
 
-def start_tracking(cfg: ExperimentConfig, run_dir: Path) -> Tracker | None:
+def start_tracking(cfg: TrainingConfig, run_dir: Path) -> Tracker | None:
     """Rank 0: save the resolved config and open (or reopen, on resume) the MLflow parent run."""
     warn_config_drift(cfg, run_dir / CONFIG_FILE)
     text = to_yaml(cfg)
@@ -72,8 +72,11 @@ def _exit_status(exc: BaseException) -> str:
     return "KILLED" if isinstance(exc, (TrainingInterrupted, KeyboardInterrupt, SystemExit)) else "FAILED"
 
 
-def run_experiment(cfg: ExperimentConfig, *, extra_callbacks=(), preview: bool = True) -> dict:
-    """Run the configured stages; returns a result dict (per-stage summaries, MLflow location, samples)."""
+def run_training(cfg: TrainingConfig, *, extra_callbacks=(), stage_callbacks=None, preview: bool = True) -> dict:
+    """Run the configured stages; returns a result dict (per-stage summaries, MLflow location, samples).
+
+    `extra_callbacks` join every stage's Trainer; `stage_callbacks(stage) -> [Callback, ...]` adds callbacks for
+    one stage (how `illada_lightning.experiment` attaches the per-epoch evaluation to SFT)."""
     if cfg.matmul_precision:
         torch.set_float32_matmul_precision(cfg.matmul_precision)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -87,8 +90,8 @@ def run_experiment(cfg: ExperimentConfig, *, extra_callbacks=(), preview: bool =
         for stage in stages_of(cfg):
             if stop.requested:  # arrived after the previous stage had finished
                 raise stop.interrupted(stage)
-            result["stages"][stage] = run_stage(cfg, stage, tokenizer, datamodules[stage], tracker, extra_callbacks,
-                                                stop)
+            callbacks = [*extra_callbacks, *(stage_callbacks(stage) if stage_callbacks else [])]
+            result["stages"][stage] = run_stage(cfg, stage, tokenizer, datamodules[stage], tracker, callbacks, stop)
     except BaseException as exc:
         if tracker is not None:
             tracker.end(_exit_status(exc))

@@ -32,7 +32,7 @@ from .checkpoint import (
     read_finished,
     read_model_checkpoint,
 )
-from .config import ExperimentConfig
+from .config import TrainingConfig
 from .strategy import check_strategy
 from .tracking import check_tracking_uri
 
@@ -50,11 +50,11 @@ def is_rank_zero() -> bool:
     return rank_zero_only.rank == 0
 
 
-def stages_of(cfg: ExperimentConfig) -> list[str]:
+def stages_of(cfg: TrainingConfig) -> list[str]:
     return ["pretrain", "sft"] if cfg.stage == "all" else [cfg.stage]
 
 
-def check_run_dir(cfg: ExperimentConfig) -> None:
+def check_run_dir(cfg: TrainingConfig) -> None:
     """Refuse to write over a finished or interrupted stage unless `resume=auto`."""
     if cfg.resume == "auto":
         return
@@ -73,7 +73,7 @@ def check_run_dir(cfg: ExperimentConfig) -> None:
                 f"to continue it, or choose a new name=... or run_dir=...")
 
 
-def sft_init_path(cfg: ExperimentConfig) -> str | None:
+def sft_init_path(cfg: TrainingConfig) -> str | None:
     """Where SFT's initial weights come from when stage=sft: init_from, else this run's own pretraining."""
     if cfg.init_from:
         return cfg.init_from
@@ -81,7 +81,7 @@ def sft_init_path(cfg: ExperimentConfig) -> str | None:
     return str(own) if (own / "model.pt").is_file() else None
 
 
-def resolve_tokenizer(cfg: ExperimentConfig):
+def resolve_tokenizer(cfg: TrainingConfig):
     """The run's tokenizer: the run directory's own (resume), the init checkpoint's (SFT), or built from the
     config (loaded from tokenizer.path, or trained on the pretraining corpus and cached)."""
     own = Path(cfg.resolved_run_dir) / TOKENIZER_DIR / "tokenizer.json"
@@ -131,14 +131,14 @@ def check_sft_lengths(sft_cfg: SFTDataConfig, tokenizer, max_seq_len: int) -> No
             "raise sft.data.max_seq_len / model.max_seq_len or use shorter examples")
 
 
-def make_datamodule(cfg: ExperimentConfig, stage: str, tokenizer):
+def make_datamodule(cfg: TrainingConfig, stage: str, tokenizer):
     if stage == "pretrain":
         return PretrainDataModule(cfg.pretrain.data, tokenizer, cfg.model.max_seq_len, cfg.pretrain.batch_size,
                                   cfg.seed)
     return SFTDataModule(cfg.sft.data, tokenizer, cfg.model.max_seq_len, cfg.sft.batch_size, cfg.seed)
 
 
-def stage_max_seq_len(cfg: ExperimentConfig, stage: str) -> int:
+def stage_max_seq_len(cfg: TrainingConfig, stage: str) -> int:
     data = cfg.pretrain.data if stage == "pretrain" else cfg.sft.data
     n = data.max_seq_len or cfg.model.max_seq_len
     if n > cfg.model.max_seq_len:
@@ -147,7 +147,7 @@ def stage_max_seq_len(cfg: ExperimentConfig, stage: str) -> int:
     return n
 
 
-def check_init_from(cfg: ExperimentConfig) -> None:
+def check_init_from(cfg: TrainingConfig) -> None:
     """stage=sft with init_from: the checkpoint exists and fits the configured model."""
     if cfg.stage != "sft" or not cfg.init_from:
         return
@@ -158,7 +158,7 @@ def check_init_from(cfg: ExperimentConfig) -> None:
     check_compatible(ckpt_cfg, cfg.model, state, build_model(cfg.model, device="meta"), cfg.init_from)
 
 
-def check_run_dir_writable(cfg: ExperimentConfig) -> None:
+def check_run_dir_writable(cfg: TrainingConfig) -> None:
     """The run directory can be created and written, and has room for one step checkpoint."""
     run_dir = Path(cfg.resolved_run_dir)
     probe = run_dir / f".write-test-{os.getpid()}"
@@ -180,7 +180,7 @@ def check_run_dir_writable(cfg: ExperimentConfig) -> None:
                     run_dir, free / 2**20, keep, keep * need / 2**20)
 
 
-def preflight(cfg: ExperimentConfig) -> tuple[Any, dict[str, Any]]:
+def preflight(cfg: TrainingConfig) -> tuple[Any, dict[str, Any]]:
     """All checks that can fail, before training; returns (tokenizer, {stage: prepared datamodule})."""
     check_strategy(cfg.strategy, cfg.accelerator, cfg.devices, cfg.num_nodes, precision=cfg.precision,
                    cpu_offload=cfg.fsdp_cpu_offload)

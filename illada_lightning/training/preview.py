@@ -10,10 +10,10 @@ import torch
 from ..data.corpus import read_jsonl_records, resolve_data_path
 from ..data.sft import record_to_pairs
 from ..diffusion.sampler import generate
-from .config import ExperimentConfig
+from .config import TrainingConfig
 
 
-def preview_prompts(cfg: ExperimentConfig, tokenizer) -> list[str]:
+def preview_prompts(cfg: TrainingConfig, tokenizer) -> list[str]:
     """Chat-formatted prompts: the configured ones, else the first SFT test (or validation) records."""
     if cfg.preview.prompts:
         return [tokenizer.format_chat([{"role": "user", "content": p}], add_generation_prompt=True)
@@ -26,7 +26,7 @@ def preview_prompts(cfg: ExperimentConfig, tokenizer) -> list[str]:
     return []
 
 
-def preview_answers(cfg: ExperimentConfig, model, tokenizer) -> list[dict[str, str]]:
+def preview_answers(cfg: TrainingConfig, model, tokenizer) -> list[dict[str, str]]:
     prompts = preview_prompts(cfg, tokenizer)
     if not prompts or cfg.preview.num_prompts == 0:
         return []

@@ -33,7 +33,7 @@ from .checkpoint import (
     remove_partial_writes,
     write_finished,
 )
-from .config import ExperimentConfig
+from .config import TrainingConfig
 from .interrupt import GracefulStop
 from .preflight import is_rank_zero, sft_init_path
 from .run_record import RunRecord
@@ -66,13 +66,13 @@ def loss_summary(first: list[tuple[int, float]], recent: list[tuple[int, float]]
             "first_loss_avg": sum(head) / k, "last_loss_avg": sum(tail) / k}
 
 
-def _stage_module(cfg: ExperimentConfig, stage: str, tokenizer, lr_scale: float = 1.0):
+def _stage_module(cfg: TrainingConfig, stage: str, tokenizer, lr_scale: float = 1.0):
     module = build_module(cfg, stage, lr_scale=lr_scale)
     module.tokenizer_json = tokenizer.backend.to_str()  # embedded in checkpoints: one file restores both
     return module
 
 
-def _should_skip(cfg: ExperimentConfig, stage: str, stage_dir: Path) -> dict | None:
+def _should_skip(cfg: TrainingConfig, stage: str, stage_dir: Path) -> dict | None:
     """The FINISHED summary when resume=auto meets a finished stage (preflight refused resume=never), except
     pretraining asked to run longer: its LR schedule does not depend on max_steps, so it continues exactly."""
     finished = read_finished(stage_dir)
@@ -88,7 +88,7 @@ def _should_skip(cfg: ExperimentConfig, stage: str, stage_dir: Path) -> dict | N
     return {**finished, "skipped": True}
 
 
-def _initial_weights(cfg: ExperimentConfig, stage: str, module, ckpt_path: Path | None) -> str | None:
+def _initial_weights(cfg: TrainingConfig, stage: str, module, ckpt_path: Path | None) -> str | None:
     """SFT not resuming starts from this run's pretraining (stage=all) or init_from; returns that path."""
     if stage != "sft" or ckpt_path is not None:
         return None
@@ -101,7 +101,7 @@ def _initial_weights(cfg: ExperimentConfig, stage: str, module, ckpt_path: Path 
     return str(resolved)
 
 
-def _open_stage_run(tracker, cfg: ExperimentConfig, stage: str, ckpt_path: Path | None):
+def _open_stage_run(tracker, cfg: TrainingConfig, stage: str, ckpt_path: Path | None):
     """This attempt's MLflow child run (rank 0) and the Lightning logger bound to it."""
     if tracker is None:
         return None
@@ -122,7 +122,7 @@ def _unless_stopped(stop: GracefulStop | None, fn, *args, **kwargs):
         return None
 
 
-def _nonfinite_failure(cfg: ExperimentConfig, guard: NonFiniteLossGuard, good: Path | None, rollbacks: int) -> str:
+def _nonfinite_failure(cfg: TrainingConfig, guard: NonFiniteLossGuard, good: Path | None, rollbacks: int) -> str:
     if cfg.on_nan == "stop":
         return guard.describe()
     return (f"{guard.reason}, and no rollback left "
@@ -190,7 +190,7 @@ def _summary(stage: str, trainer, module, record: RunRecord, final_ckpt: Path, v
     return summary
 
 
-def _record_finished(cfg: ExperimentConfig, stage: str, summary: dict, tracker, step: int) -> None:
+def _record_finished(cfg: TrainingConfig, stage: str, summary: dict, tracker, step: int) -> None:
     if tracker is None:
         return
     metrics = {k: v for k, v in summary.items()
@@ -222,7 +222,7 @@ def finish_stage(cfg, stage, trainer, module, datamodule, record, rollbacks, tra
     return summary
 
 
-def run_stage(cfg: ExperimentConfig, stage: str, tokenizer, datamodule, tracker=None, extra_callbacks=(),
+def run_stage(cfg: TrainingConfig, stage: str, tokenizer, datamodule, tracker=None, extra_callbacks=(),
               stop: GracefulStop | None = None) -> dict:
     stage_dir = Path(cfg.resolved_run_dir) / stage
     skipped = _should_skip(cfg, stage, stage_dir)

@@ -2,7 +2,8 @@
 
 Each stage's Trainer gets the shared strategy, step checkpoints (`StepCheckpoint`: finite weights only,
 written atomically, the newest `ckpt_keep` kept), the non-finite guard, throughput logging, the plateau LR
-switch (pretraining) and, when asked, the per-epoch evaluation (SFT).
+switch (pretraining), and whatever the caller adds (the per-epoch evaluation of SFT comes from the layer above,
+`illada_lightning/experiment.py`: training never imports evaluation).
 """
 
 from __future__ import annotations
@@ -13,13 +14,13 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 
 from .callbacks import LossPlateauLRSwitch, NonFiniteLossGuard, ThroughputMonitor
-from .config import ExperimentConfig
+from .config import TrainingConfig
 from .module import DiffusionLMModule, PretrainModule, SFTModule
 from .step_checkpoint import AtomicCheckpointIO, StepCheckpoint
 from .strategy import make_strategy
 
 
-def build_module(cfg: ExperimentConfig, stage: str, lr_scale: float = 1.0) -> DiffusionLMModule:
+def build_module(cfg: TrainingConfig, stage: str, lr_scale: float = 1.0) -> DiffusionLMModule:
     section = cfg.pretrain if stage == "pretrain" else cfg.sft
     cls = PretrainModule if stage == "pretrain" else SFTModule
     module = cls(cfg.model, cfg.diffusion, section.optim, section.schedule, seed=cfg.seed, lr_scale=lr_scale,
@@ -36,7 +37,7 @@ def _devices(value: str):
     return text
 
 
-def stage_callbacks(cfg: ExperimentConfig, stage: str, ckpt_dir: Path) -> list[Callback]:
+def stage_callbacks(cfg: TrainingConfig, stage: str, ckpt_dir: Path) -> list[Callback]:
     section = cfg.pretrain if stage == "pretrain" else cfg.sft
     callbacks: list[Callback] = [
         NonFiniteLossGuard(cfg.on_nan, ckpt_dir),
@@ -46,17 +47,12 @@ def stage_callbacks(cfg: ExperimentConfig, stage: str, ckpt_dir: Path) -> list[C
     ]
     if stage == "pretrain":
         callbacks.append(LossPlateauLRSwitch(section.schedule, section.optim.warmup_steps))
-    if stage == "sft" and cfg.eval.per_epoch:
-        # Kept local as before: training must not import evaluation (issue 12 moves this to a registry).
-        from ..evaluation.callback import PerEpochEvaluation
-
-        callbacks.append(PerEpochEvaluation(cfg.eval))  # the tokenizer comes from trainer.datamodule
     if cfg.progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=max(1, section.log_every_n_steps // 2)))
     return callbacks
 
 
-def make_trainer(cfg: ExperimentConfig, stage: str, stage_dir: Path, logger, extra_callbacks=()) -> pl.Trainer:
+def make_trainer(cfg: TrainingConfig, stage: str, stage_dir: Path, logger, extra_callbacks=()) -> pl.Trainer:
     section = cfg.pretrain if stage == "pretrain" else cfg.sft
     callbacks = stage_callbacks(cfg, stage, stage_dir / "checkpoints") + list(extra_callbacks)
     accumulate = section.accumulate_grad_batches
