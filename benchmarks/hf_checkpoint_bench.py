@@ -82,9 +82,9 @@ def write_random_checkpoint(args, directory: Path) -> float:
 
 
 def evaluate_checkpoint(args, directory: Path) -> list[dict]:
+    from illada_lightning.checkpoint import load_checkpoint
     from illada_lightning.evaluation import EvalConfig, evaluate
     from illada_lightning.interop.llada_hf import DTYPES, load_hf_checkpoint
-    from illada_lightning.training.checkpoint import load_checkpoint
 
     device = torch.device(args.device)
     if args.load_dtype == "auto":

@@ -22,11 +22,11 @@ import math
 
 import torch
 
+from illada_lightning.checkpoint import load_checkpoint
 from illada_lightning.diffusion.sampler import generate
 from illada_lightning.evaluation.answers import extract_answer
 from illada_lightning.evaluation.records import read_jsonl
 from illada_lightning.evaluation.synthetic_task import DEFAULT_PATH, synthetic_example
-from illada_lightning.training.checkpoint import load_checkpoint
 
 from .common import emit, environment
 

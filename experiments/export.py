@@ -15,10 +15,10 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, fields
 
+from illada_lightning.checkpoint import CheckpointError, load_checkpoint
 from illada_lightning.config import ConfigError, load_config
 from illada_lightning.interop import HFCheckpointError
 from illada_lightning.interop.llada_hf import DTYPES, export_hf_checkpoint
-from illada_lightning.training.checkpoint import CheckpointError, load_checkpoint
 
 FORMATS = ("hf",)
 

@@ -15,9 +15,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from illada_lightning.checkpoint import load_checkpoint
 from illada_lightning.config import ConfigError, load_config
 from illada_lightning.diffusion.sampler import SamplerConfig, generate
-from illada_lightning.training.checkpoint import load_checkpoint
 
 
 @dataclass

@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 
 # Heavier entry points load on first use, so `import illada_lightning` stays fast.
 _LAZY = {
-    "load_checkpoint": "illada_lightning.training.checkpoint",
+    "load_checkpoint": "illada_lightning.checkpoint",
     "generate": "illada_lightning.diffusion.sampler",
     "score_choices": "illada_lightning.diffusion.scoring",
 }

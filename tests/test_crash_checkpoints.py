@@ -18,15 +18,15 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from experiments.run import main as cli_main
-from illada_lightning.config import ConfigError
-from illada_lightning.experiment import run_experiment
-from illada_lightning.training.callbacks import NonFiniteLossError
-from illada_lightning.training.checkpoint import (
+from illada_lightning.checkpoint import (
     CheckpointError,
     atomic_write,
     checkpoint_problem,
     step_checkpoints,
 )
+from illada_lightning.config import ConfigError
+from illada_lightning.experiment import run_experiment
+from illada_lightning.training.callbacks import NonFiniteLossError
 from illada_lightning.training.experiment import RunDirectoryError
 from illada_lightning.training.tracking import check_tracking_uri
 from tests.test_run_experiment import SimulatedCrash, StopAt, small_config

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from illada_lightning.checkpoint import step_checkpoints
 from illada_lightning.experiment import run_experiment
-from illada_lightning.training.checkpoint import step_checkpoints
 from tests.test_run_experiment import REPO, SMALL, small_config
 
 pytestmark = pytest.mark.slow

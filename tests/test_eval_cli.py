@@ -54,7 +54,7 @@ def test_cli_writes_results_and_logs_a_run_nested_under_the_training_run(tmp_pat
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from illada_lightning.training.checkpoint import export_model
+    from illada_lightning.checkpoint import export_model
 
     model, tokenizer = tiny
     run_dir = tmp_path / "runs" / "exp"

@@ -113,7 +113,7 @@ def test_two_fsdp_processes_train_like_one_process_step_for_step(fsdp_run, one_p
 
 
 def test_export_and_sharded_checkpoint_load_without_distributed_setup(fsdp_run):
-    from illada_lightning.training.checkpoint import load_checkpoint
+    from illada_lightning.checkpoint import load_checkpoint
 
     ckpt = fsdp_run / "fsdp" / "pretrain" / "checkpoints" / f"step={STEPS:07d}.ckpt"
     assert ckpt.is_dir() and (ckpt / ".metadata").is_file()  # complete: DCP writes .metadata last
@@ -131,10 +131,10 @@ def test_export_and_sharded_checkpoint_load_without_distributed_setup(fsdp_run):
 
 
 def test_per_epoch_evaluation_under_fsdp_equals_single_process_evaluation(fsdp_run):
+    from illada_lightning.checkpoint import load_checkpoint
     from illada_lightning.config import load_config
     from illada_lightning.evaluation import evaluate
     from illada_lightning.experiment import ExperimentConfig
-    from illada_lightning.training.checkpoint import load_checkpoint
 
     a, b = (r["record"]["sft"]["eval"] for r in ranks(fsdp_run / "out"))
     assert a == b and [epoch for epoch, _ in a] == [1]

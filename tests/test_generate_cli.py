@@ -8,9 +8,9 @@ import torch
 
 from experiments.generate import GenerateConfig, chat_loop, complete, main
 from illada_lightning import build_model
+from illada_lightning.checkpoint import export_model, load_checkpoint
 from illada_lightning.config import ConfigError, load_config
 from illada_lightning.data.tokenizer import train_tokenizer_from_iterator
-from illada_lightning.training.checkpoint import export_model, load_checkpoint
 
 
 @pytest.fixture(scope="module")

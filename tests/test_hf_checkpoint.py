@@ -14,10 +14,10 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 import illada_lightning as il
 from illada_lightning import build_model
+from illada_lightning.checkpoint import CheckpointError, load_init_weights
 from illada_lightning.data.tokenizer import train_tokenizer_from_iterator
 from illada_lightning.interop.llada_hf import export_hf_checkpoint, load_hf_checkpoint
 from illada_lightning.model.config import get_preset
-from illada_lightning.training.checkpoint import CheckpointError, load_init_weights
 
 TEXT = "The Sun heats water and it evaporates. Janet sells ducks at the market every day. " * 20
 P = "model.transformer."

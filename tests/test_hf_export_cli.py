@@ -11,9 +11,9 @@ import torch
 from experiments.export import main as export_main
 from experiments.generate import main as generate_main
 from illada_lightning import build_model
+from illada_lightning.checkpoint import export_model
 from illada_lightning.data.tokenizer import train_tokenizer_from_iterator
 from illada_lightning.evaluation.cli import main as evaluate_main
-from illada_lightning.training.checkpoint import export_model
 from tests.test_eval_tasks import ARC_LETTERS, ARC_NUMERIC, GSM8K_TEST, write_jsonl
 
 pytestmark = pytest.mark.slow  # end to end through the CLIs

@@ -6,8 +6,8 @@ from pathlib import Path
 import torch
 
 from illada_lightning import build_model
+from illada_lightning.checkpoint import export_model
 from illada_lightning.data.tokenizer import train_tokenizer_from_iterator
-from illada_lightning.training.checkpoint import export_model
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 CI = Path(__file__).resolve().parents[1] / ".ci" / "run"

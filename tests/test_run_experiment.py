@@ -50,7 +50,7 @@ def small_config(root: Path, cache: Path, *overrides: str) -> ExperimentConfig:
 def test_default_run_end_to_end(tmp_path, data_cache):
     from mlflow.tracking import MlflowClient
 
-    from illada_lightning.training.checkpoint import load_checkpoint
+    from illada_lightning.checkpoint import load_checkpoint
 
     cfg = small_config(tmp_path, data_cache, "name=e2e", "pretrain.max_steps=40", "pretrain.optim.lr=1e-2",
                        "pretrain.optim.warmup_steps=5", "pretrain.schedule.switch_at_step=25",

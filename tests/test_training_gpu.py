@@ -37,7 +37,7 @@ def record(out: Path, rank: int = 0) -> dict:
 
 
 def test_fsdp_on_one_gpu_trains_like_the_single_device_run_and_offloads(tmp_path):
-    from illada_lightning.training.checkpoint import load_checkpoint
+    from illada_lightning.checkpoint import load_checkpoint
 
     common = ["precision=bf16-mixed", "activation_checkpointing=true", "pretrain.batch_size=8"]
     single = worker(tmp_path / "a", tmp_path, *common, "name=single", "strategy=auto", "devices=1")
@@ -61,7 +61,7 @@ def test_fsdp_on_one_gpu_trains_like_the_single_device_run_and_offloads(tmp_path
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_fsdp_two_gpus_parity_resume_and_export(tmp_path):
-    from illada_lightning.training.checkpoint import load_checkpoint
+    from illada_lightning.checkpoint import load_checkpoint
     from tests.fsdp_worker import probe_ids
 
     fp32 = ["precision=32-true", "matmul_precision=highest", "pretrain.batch_size=4"]

@@ -29,8 +29,8 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
+from ..checkpoint import full_model_state
 from ..model.transformer import MaskPredictor
-from ..training.checkpoint import full_model_state
 from ..training.strategy import is_sharded
 from .config import EvalConfig
 from .runner import evaluate

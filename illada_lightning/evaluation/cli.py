@@ -1,6 +1,6 @@
 """The evaluation command behind `python -m experiments.evaluate ckpt=... tasks=[...] key=value ...`.
 
-Loads the checkpoint (`training.checkpoint.load_checkpoint`), evaluates, prints a table, writes
+Loads the checkpoint (`checkpoint.load_checkpoint`), evaluates, prints a table, writes
 `results.json` (task -> metrics with standard errors) and `eval_config.json` into `out=` (default:
 `<checkpoint directory>/eval/`) beside the per-example `<task>.examples.jsonl` files (re-running the same
 command resumes from them), and logs `eval/<task>/<metric>` to MLflow in a new run linked to the training
@@ -156,7 +156,7 @@ def log_to_mlflow(results: dict, cfg: EvaluateConfig, out: Path) -> str:
 
 
 def run_evaluation(cfg: EvaluateConfig) -> dict[str, dict[str, float]]:
-    from illada_lightning.training.checkpoint import load_checkpoint
+    from illada_lightning.checkpoint import load_checkpoint
 
     from .tasks import get_task
 
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         print("keys: " + ", ".join(f.name for f in fields(EvaluateConfig)))
         return 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from illada_lightning.training.checkpoint import CheckpointError
+    from illada_lightning.checkpoint import CheckpointError
 
     from .records import EvalDataError
 

@@ -40,7 +40,7 @@ class IlladaLM(LM):
         if model is None:
             if ckpt is None:
                 raise ValueError("the illada harness model needs ckpt=PATH (or model= and tokenizer= objects)")
-            from illada_lightning.training.checkpoint import load_checkpoint
+            from illada_lightning.checkpoint import load_checkpoint
 
             from .cli import resolve_device
 

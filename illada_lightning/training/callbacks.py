@@ -16,7 +16,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from .checkpoint_files import CheckpointError, find_resume_checkpoint
+from ..checkpoint import CheckpointError, find_resume_checkpoint
 from .config import ScheduleConfig
 from .finite import grads_finite, weights_finite
 from .plateau import PlateauDetector

@@ -22,9 +22,9 @@ import lightning.pytorch as pl
 import torch
 import yaml
 
+from ..checkpoint import atomic_write, load_checkpoint
 from ..config import ConfigError, flatten, to_dict, to_yaml
 from ..runs import CONFIG_FILE
-from .checkpoint import atomic_write, load_checkpoint
 from .config import TrainingConfig
 from .interrupt import GracefulStop, TrainingInterrupted
 from .preflight import RunDirectoryError, is_rank_zero, preflight, stages_of  # noqa: F401  (public names)

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import torch
 
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t  # DTensor shards (FSDP2): this rank's part
+from .strategy import local_tensor
 
 
 def count_nonfinite(tensors) -> int:
     """How many of `tensors` hold a NaN or inf (one host sync for all of them)."""
-    flags = [~torch.isfinite(_local(t).detach()).all() for t in tensors if t is not None and t.numel()]
+    flags = [~torch.isfinite(local_tensor(t).detach()).all() for t in tensors if t is not None and t.numel()]
     return int(torch.stack(flags).sum()) if flags else 0
 
 

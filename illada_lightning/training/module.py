@@ -30,7 +30,7 @@ from ..model.config import ModelConfig
 from ..model.transformer import MaskPredictor
 from .config import OptimConfig, ScheduleConfig
 from .schedule import RecipeLR
-from .strategy import is_sharded
+from .strategy import is_sharded, local_tensor
 
 _VAL_SEED_OFFSET = 7_777_777
 
@@ -70,11 +70,6 @@ def enable_block_checkpointing(model: MaskPredictor) -> None:
             continue
         block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
         block._checkpointed = True
-
-
-def local_tensor(t: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a DTensor (FSDP2 parameter or gradient); a plain tensor as it is."""
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def global_grad_norm(parameters, strategy=None, device=None) -> torch.Tensor:
@@ -194,15 +189,6 @@ class DiffusionLMModule(pl.LightningModule):
         """Global L2 norm of the gradients: over all shards when parameters are sharded (FSDP2), so every
         rank gets the same number."""
         return global_grad_norm(self.parameters(), self.trainer.strategy if self._sharded() else None, self.device)
-
-    def all_finite(self) -> bool:
-        """Whether every parameter (every shard, on every rank) is finite; the same answer on every rank."""
-        bad = torch.zeros((), device=self.device)
-        for p in self.parameters():
-            bad += (~torch.isfinite(local_tensor(p.detach()))).sum().to(bad)
-        if self._sharded():
-            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
-        return bool(bad == 0)
 
     def total_steps(self) -> int:
         return int(self.trainer.estimated_stepping_batches)

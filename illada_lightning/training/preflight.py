@@ -18,13 +18,7 @@ from typing import Any
 
 from lightning.pytorch.utilities import rank_zero_only
 
-from ..config import ConfigError
-from ..data.config import SFTDataConfig
-from ..data.datamodule import PretrainDataModule, SFTDataModule
-from ..data.sft import load_sft_examples
-from ..data.tokenizer import Tokenizer, build_tokenizer, check_tokenizer_compatible
-from ..model.build import build_model
-from .checkpoint import (
+from ..checkpoint import (
     TOKENIZER_DIR,
     CheckpointError,
     _tokenizer_from_json,
@@ -32,6 +26,12 @@ from .checkpoint import (
     read_finished,
     read_model_checkpoint,
 )
+from ..config import ConfigError
+from ..data.config import SFTDataConfig
+from ..data.datamodule import PretrainDataModule, SFTDataModule
+from ..data.sft import load_sft_examples
+from ..data.tokenizer import Tokenizer, build_tokenizer, check_tokenizer_compatible
+from ..model.build import build_model
 from .config import TrainingConfig
 from .strategy import check_strategy
 from .tracking import check_tracking_uri

@@ -17,10 +17,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.trainer.states import TrainerStatus
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from ..config import flatten, to_dict
-from ..runs import VAL_LOSS
-from .callbacks import LossPlateauLRSwitch, NonFiniteLossError, NonFiniteLossGuard, ThroughputMonitor
-from .checkpoint import (
+from ..checkpoint import (
     FINISHED_FILE,
     TOKENIZER_DIR,
     CheckpointError,
@@ -33,6 +30,9 @@ from .checkpoint import (
     remove_partial_writes,
     write_finished,
 )
+from ..config import flatten, to_dict
+from ..runs import VAL_LOSS
+from .callbacks import LossPlateauLRSwitch, NonFiniteLossError, NonFiniteLossGuard, ThroughputMonitor
 from .config import TrainingConfig
 from .interrupt import GracefulStop
 from .preflight import is_rank_zero, sft_init_path

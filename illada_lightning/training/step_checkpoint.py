@@ -16,7 +16,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Checkpoint
 
-from .checkpoint_files import atomic_write, link_last, prune_step_checkpoints
+from ..checkpoint import atomic_write, link_last, prune_step_checkpoints
 from .finite import weights_finite
 
 log = logging.getLogger(__name__)

@@ -148,6 +148,11 @@ class FSDP2Strategy(ModelParallelStrategy):
                     cpu_offload=self.cpu_offload)
 
 
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (FSDP2 parameter or gradient); a plain tensor as it is."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def is_sharded(model: torch.nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 

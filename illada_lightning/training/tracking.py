@@ -29,9 +29,9 @@ from lightning.pytorch.loggers import MLFlowLogger
 from illada_lightning.provenance import git_commit
 
 from .. import runs
+from ..checkpoint import atomic_write
 from ..config import ConfigError, flatten, to_dict
 from ..runs import ATTEMPT_TAG, PARENT_TAG, PREVIOUS_ATTEMPT_TAG, RUNS_FILE, STAGE_TAG
-from .checkpoint_files import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Saving and loading what training produces.
+"""Saving and loading what training produces: models, run directories, exports.
 
 Run directory layout (`run_experiment`):
 
@@ -40,7 +40,7 @@ from ..interop import HFCheckpointError
 from ..interop.llada_hf import is_hf_checkpoint, load_hf_checkpoint, read_hf_checkpoint
 from ..model.config import ModelConfig
 from ..model.transformer import MaskPredictor
-from .checkpoint_files import (  # noqa: F401  (re-exported: one place to ask "is this checkpoint usable?")
+from .files import (  # noqa: F401  (re-exported: one place to ask "is this checkpoint usable?")
     CheckpointError,
     atomic_write,
     checkpoint_problem,
