@@ -31,6 +31,7 @@ from .model import (
     read_finished,
     read_model_checkpoint,
     resolve_checkpoint,
+    tokenizer_from_json,
     write_finished,
 )
 
@@ -39,5 +40,5 @@ __all__ = [
     "check_compatible", "checkpoint_problem", "export_model", "find_resume_checkpoint", "full_model_state",
     "last_checkpoint", "link_last", "load_checkpoint", "load_init_weights", "nonfinite_tensors",
     "prune_step_checkpoints", "read_finished", "read_model_checkpoint", "remove_partial_writes",
-    "resolve_checkpoint", "step_checkpoints", "step_of", "write_finished",
+    "resolve_checkpoint", "step_checkpoints", "step_of", "tokenizer_from_json", "write_finished",
 ]

@@ -152,7 +152,7 @@ def read_model_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torc
     return cfg, _model_state(raw, resolved), tokenizer_json, resolved
 
 
-def _tokenizer_from_json(text: str):
+def tokenizer_from_json(text: str):
     from ..data.tokenizer import Tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -188,7 +188,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device | None = None):
     model.eval()
     if device is not None:
         model.to(device)
-    tokenizer = _tokenizer_from_json(tokenizer_json) if tokenizer_json else _find_tokenizer_near(resolved.parent)
+    tokenizer = tokenizer_from_json(tokenizer_json) if tokenizer_json else _find_tokenizer_near(resolved.parent)
     return model, tokenizer
 
 

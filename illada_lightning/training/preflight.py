@@ -21,10 +21,10 @@ from lightning.pytorch.utilities import rank_zero_only
 from ..checkpoint import (
     TOKENIZER_DIR,
     CheckpointError,
-    _tokenizer_from_json,
     check_compatible,
     read_finished,
     read_model_checkpoint,
+    tokenizer_from_json,
 )
 from ..config import ConfigError
 from ..data.config import SFTDataConfig
@@ -94,7 +94,7 @@ def resolve_tokenizer(cfg: TrainingConfig):
             _, _, tok_json, _ = read_model_checkpoint(sft_init_path(cfg))
         except CheckpointError as exc:
             raise CheckpointError(f"init_from: {exc}") from None
-        tokenizer = _tokenizer_from_json(tok_json) if tok_json else None
+        tokenizer = tokenizer_from_json(tok_json) if tok_json else None
     if tokenizer is None and not is_rank_zero() and not cfg.tokenizer.path:
         # Launched by torchrun/SLURM, every rank starts at once: rank 0 trains the tokenizer, the others
         # wait for the file instead of racing it on the shared cache.
