@@ -28,6 +28,12 @@ SPECIAL_TOKENS = (
 PAD, BOS, EOS, MASK = SPECIAL_TOKENS[:4]
 ROLE_TOKENS = {"user": "<|user|>", "assistant": "<|assistant|>", "system": "<|system|>"}
 TOKENIZER_FILE = "tokenizer.json"
+# `Tokenizer.format_chat` written as Jinja: the template saved with our tokenizers in `tokenizer_config.json`
+# (data/checkpoint_tokenizer.py, exported checkpoints), so they render the same text everywhere.
+PROJECT_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content'] + '\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
 
 
 class Tokenizer:
@@ -84,6 +90,10 @@ class Tokenizer:
         if add_generation_prompt:
             parts.append(f"{ROLE_TOKENS['assistant']}\n")
         return "".join(parts)
+
+    def to_str(self) -> str:
+        """The form embedded in checkpoints (`checkpoint_tokenizer.tokenizer_from_str` reads it back)."""
+        return self._tok.to_str()
 
     def fingerprint(self) -> str:
         """Content hash: keys the tokenised-corpus cache."""

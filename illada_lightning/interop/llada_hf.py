@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..data.checkpoint_tokenizer import CheckpointTokenizer
 from ..data.tokenizer import Tokenizer
 from ..model.config import ModelConfig
 from ..model.transformer import MaskPredictor
@@ -62,7 +63,7 @@ def load_hf_checkpoint(path: str | Path, device=None, dtype: torch.dtype | None 
     """`(model in eval mode, tokenizer)`; weights read lazily, one tensor at a time, in `dtype` on `device`."""
     directory = Path(path).expanduser()
     cfg = read_config(directory)
-    tokenizer = load_tokenizer_dir(directory, cfg) if (directory / TOKENIZER_JSON).is_file() else None
+    tokenizer = read_hf_tokenizer(directory)
     shards = SafetensorsShards(directory)
     check_weights(shards, cfg)
     device = torch.device(device or "cpu")
@@ -71,6 +72,12 @@ def load_hf_checkpoint(path: str | Path, device=None, dtype: torch.dtype | None 
     state = dict(iter_state(shards, cfg, device, dtype or _default_dtype(device)))
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval(), tokenizer
+
+
+def read_hf_tokenizer(path: str | Path) -> CheckpointTokenizer | None:
+    """The directory's tokenizer with the special ids of its config.json (None without tokenizer.json)."""
+    directory = Path(path).expanduser()
+    return load_tokenizer_dir(directory, read_config(directory)) if (directory / TOKENIZER_JSON).is_file() else None
 
 
 def read_hf_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], None, Path]:
