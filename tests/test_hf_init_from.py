@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import illada_lightning as il
+from experiments.export import main as export_main
 from experiments.generate import main as generate_main
 from experiments.run import main as run_main
 from illada_lightning.config import load_config
@@ -18,9 +19,11 @@ from illada_lightning.data.checkpoint_tokenizer import CheckpointTokenizer, load
 from illada_lightning.data.config import SFTDataConfig
 from illada_lightning.data.datamodule import SFTDataModule
 from illada_lightning.data.sft import example_stream_documents, load_sft_examples, response_only_rows
+from illada_lightning.evaluation.cli import main as evaluate_main
 from illada_lightning.training.checkpoint import CheckpointError
 from illada_lightning.training.config import ExperimentConfig
 from illada_lightning.training.experiment import run_experiment
+from tests.test_eval_tasks import ARC_LETTERS, ARC_NUMERIC, write_jsonl
 from tests.test_hf_checkpoint import write_llada_like
 from tests.test_run_experiment import DEFAULT_YAML
 
@@ -157,6 +160,15 @@ def test_sft_from_a_released_style_checkpoint_trains_and_loads_back(llada_dir, t
     capsys.readouterr()
     assert generate_main([f"ckpt={run}", "prompt=What is 2+3?", "sampler.steps=4", "sampler.gen_length=4",
                           "sampler.block_length=4"]) == 0
+    data = write_jsonl(tmp_path / "arc.jsonl", [ARC_LETTERS, ARC_NUMERIC])
+    assert evaluate_main([f"ckpt={run}", "tasks=[arc_challenge]", "scoring_rule=likelihood", "mc_samples=2",
+                          "mc_batch_size=2", "num_fewshot=0", "mlflow=false", f"out={tmp_path / 'eval'}",
+                          f"data.arc_challenge={data}"]) == 0
+    assert json.loads((tmp_path / "eval" / "results.json").read_text())["arc_challenge"]["n"] == 2
+    # ... and exported back to the released format, it carries the same special tokens and template.
+    assert export_main([f"ckpt={run}", "format=hf", f"out={tmp_path / 'hf'}", "dtype=float32"]) == 0
+    _, exported = il.load_checkpoint(tmp_path / "hf")
+    _assert_same_tokenizer(exported, reference)
 
 
 @pytest.mark.slow
