@@ -2,7 +2,8 @@
 
 Special tokens occupy ids 0..8 in every tokenizer this project trains, so a model config can name the pad,
 EOS and mask ids before a tokenizer exists (`model/config.py`); `check_tokenizer_compatible` verifies the
-pairing at run time.
+pairing at run time. A released checkpoint's tokenizer keeps its own ids and Jinja template
+(`checkpoint_tokenizer.py`).
 
 Chat template. Each turn is `<|role|>\\n{content}\\n`; a generation prompt ends with `<|assistant|>\\n`. A
 training example is `format_chat(messages up to the last user turn, add_generation_prompt=True)` followed

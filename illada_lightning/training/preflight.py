@@ -105,6 +105,9 @@ def resolve_tokenizer(cfg: ExperimentConfig):
             tokenizer = checkpoint_tokenizer(init_path(cfg))
         except CheckpointError as exc:
             raise CheckpointError(f"init_from: {exc}") from None
+        if tokenizer is not None and cfg.tokenizer.path:
+            log.warning("tokenizer.path=%s is not used: the run continues with the tokenizer of %s", cfg.tokenizer.path,
+                        init_path(cfg))
     if tokenizer is None and not is_rank_zero() and not cfg.tokenizer.path:
         # Launched by torchrun/SLURM, every rank starts at once: rank 0 trains the tokenizer, the others
         # wait for the file instead of racing it on the shared cache.
