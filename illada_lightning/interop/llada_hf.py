@@ -90,6 +90,29 @@ def read_hf_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.T
     return cfg, dict(iter_state(shards, cfg, torch.device("cpu"), None)), None, directory
 
 
+def read_hf_layout(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """The config and a meta-device state dict (our names and shapes, no data) of a checked directory: what
+    init_from's compatibility check needs, without reading a weight."""
+    directory = Path(path).expanduser()
+    cfg = read_config(directory)
+    check_weights(SafetensorsShards(directory), cfg)
+    with torch.device("meta"):
+        return cfg, MaskPredictor(cfg).state_dict()
+
+
+@torch.no_grad()
+def copy_hf_weights(model: MaskPredictor, path: str | Path) -> None:
+    """Copy the directory's weights into `model` one tensor at a time (init_from): host memory holds the model
+    and one tensor being read, never a second full copy of an 8B model."""
+    directory = Path(path).expanduser()
+    cfg = read_config(directory)
+    shards = SafetensorsShards(directory)
+    check_weights(shards, cfg)
+    own = model.state_dict()
+    for name, tensor in iter_state(shards, cfg, torch.device("cpu"), None):
+        own[name].copy_(tensor)
+
+
 def export_hf_checkpoint(model: MaskPredictor, tokenizer: Tokenizer | None, out: str | Path, *,
                          dtype: str = "bfloat16", max_shard_bytes: int = 5 * 2**30, overwrite: bool = False) -> Path:
     """Write `model` (and `tokenizer`) as a LLaDA checkpoint directory; returns the directory.

@@ -39,7 +39,14 @@ from torch.distributed.fsdp import FSDPModule
 from ..data.checkpoint_tokenizer import load_tokenizer, tokenizer_from_str
 from ..data.tokenizer import TOKENIZER_FILE, Tokenizer
 from ..interop import HFCheckpointError
-from ..interop.llada_hf import is_hf_checkpoint, load_hf_checkpoint, read_hf_checkpoint, read_hf_tokenizer
+from ..interop.llada_hf import (
+    copy_hf_weights,
+    is_hf_checkpoint,
+    load_hf_checkpoint,
+    read_hf_checkpoint,
+    read_hf_layout,
+    read_hf_tokenizer,
+)
 from ..model.config import ModelConfig
 from ..model.transformer import MaskPredictor
 from .checkpoint_files import (  # noqa: F401  (re-exported: one place to ask "is this checkpoint usable?")
@@ -228,12 +235,26 @@ def check_compatible(cfg: ModelConfig, expected: ModelConfig, state: dict, model
         )
 
 
+def read_model_layout(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """(model config, state dict whose shapes can be checked) of a checkpoint, without reading its weights:
+    memory-mapped for our files, a meta-device state for a Hugging Face directory."""
+    if is_hf_checkpoint(path):
+        return _from_hf(read_hf_layout, path)
+    cfg, state, _, _ = read_model_checkpoint(path)
+    return cfg, state
+
+
 def load_init_weights(model: torch.nn.Module, path: str | Path, expected: ModelConfig):
     """Copy pretrained weights into `model` (`init_from`: SFT, continued pretraining); returns the checkpoint's
-    tokenizer json and the resolved path."""
+    tokenizer json (None for a Hugging Face directory, whose tokenizer is its files) and the resolved path."""
     p = Path(path).expanduser()
     if not p.exists():
         raise CheckpointError(f"init_from={path}: no such file or directory")
+    if is_hf_checkpoint(p):  # streamed tensor by tensor: no second full copy of a released 8B model
+        cfg, state = read_model_layout(p)
+        check_compatible(cfg, expected, state, model, path)
+        _from_hf(copy_hf_weights, model, p)
+        return None, p
     cfg, state, tokenizer_json, resolved = read_model_checkpoint(p)
     check_compatible(cfg, expected, state, model, path)
     model.load_state_dict(state)

@@ -31,7 +31,7 @@ from .checkpoint import (
     check_compatible,
     checkpoint_tokenizer,
     read_finished,
-    read_model_checkpoint,
+    read_model_layout,
 )
 from .config import ExperimentConfig
 from .strategy import check_strategy
@@ -167,7 +167,7 @@ def check_init_from(cfg: ExperimentConfig) -> None:
     p = Path(cfg.init_from).expanduser()
     if not p.exists():
         raise CheckpointError(f"init_from={cfg.init_from}: no such file or directory")
-    ckpt_cfg, state, _, _ = read_model_checkpoint(p)
+    ckpt_cfg, state = read_model_layout(p)
     check_compatible(ckpt_cfg, cfg.model, state, build_model(cfg.model, device="meta"), cfg.init_from)
 
 
