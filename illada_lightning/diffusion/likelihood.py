@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+
 STRATIFICATIONS = ("uniform", "llada_released")
 
 
