@@ -23,6 +23,7 @@ from .model import (
     STAGE_ORDER,
     TOKENIZER_DIR,
     check_compatible,
+    checkpoint_tokenizer,
     export_model,
     full_model_state,
     last_checkpoint,
@@ -30,15 +31,15 @@ from .model import (
     load_init_weights,
     read_finished,
     read_model_checkpoint,
+    read_model_layout,
     resolve_checkpoint,
-    tokenizer_from_json,
     write_finished,
 )
 
 __all__ = [
     "EXPORT_FILE", "FINISHED_FILE", "STAGE_ORDER", "TOKENIZER_DIR", "CheckpointError", "atomic_write",
-    "check_compatible", "checkpoint_problem", "export_model", "find_resume_checkpoint", "full_model_state",
+    "check_compatible", "checkpoint_problem", "checkpoint_tokenizer", "export_model", "find_resume_checkpoint", "full_model_state",
     "last_checkpoint", "link_last", "load_checkpoint", "load_init_weights", "nonfinite_tensors",
-    "prune_step_checkpoints", "read_finished", "read_model_checkpoint", "remove_partial_writes",
-    "resolve_checkpoint", "step_checkpoints", "step_of", "tokenizer_from_json", "write_finished",
+    "prune_step_checkpoints", "read_finished", "read_model_checkpoint", "read_model_layout", "remove_partial_writes",
+    "resolve_checkpoint", "step_checkpoints", "step_of", "write_finished",
 ]

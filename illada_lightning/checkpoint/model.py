@@ -3,7 +3,8 @@
 Run directory layout (`run_experiment`):
 
     <run_dir>/config.yaml                  the resolved experiment config
-    <run_dir>/tokenizer/tokenizer.json     the run's tokenizer
+    <run_dir>/tokenizer/tokenizer.json     the run's tokenizer (+ tokenizer_config.json with its special tokens
+                                           and chat template when they are a checkpoint's, not ids 0..8)
     <run_dir>/mlflow_runs.json             MLflow parent/child run ids (resume continues the same runs)
     <run_dir>/<stage>/checkpoints/         Lightning checkpoints: the newest `ckpt_keep` step=NNNNNNN.ckpt,
                                            last.ckpt linking to the newest (a directory per checkpoint
@@ -25,7 +26,6 @@ checkpoints newest-first instead of trusting the `last.ckpt` link.
 from __future__ import annotations
 
 import json
-import tempfile
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -36,8 +36,17 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 from torch.distributed.fsdp import FSDPModule
 
+from ..data.checkpoint_tokenizer import load_tokenizer, tokenizer_from_str
+from ..data.tokenizer import TOKENIZER_FILE, Tokenizer
 from ..interop import HFCheckpointError
-from ..interop.llada_hf import is_hf_checkpoint, load_hf_checkpoint, read_hf_checkpoint
+from ..interop.llada_hf import (
+    copy_hf_weights,
+    is_hf_checkpoint,
+    load_hf_checkpoint,
+    read_hf_checkpoint,
+    read_hf_layout,
+    read_hf_tokenizer,
+)
 from ..model.config import ModelConfig
 from ..model.transformer import MaskPredictor
 from .files import (  # noqa: F401  (re-exported: one place to ask "is this checkpoint usable?")
@@ -152,22 +161,21 @@ def read_model_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torc
     return cfg, _model_state(raw, resolved), tokenizer_json, resolved
 
 
-def tokenizer_from_json(text: str):
-    from ..data.tokenizer import Tokenizer
-
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "tokenizer.json").write_text(text, encoding="utf-8")
-        return Tokenizer.load(tmp)
-
-
-def _find_tokenizer_near(path: Path):
-    from ..data.tokenizer import Tokenizer
-
+def _find_tokenizer_near(path: Path) -> Tokenizer | None:
     for parent in [path, *path.parents][:5]:
-        candidate = parent / TOKENIZER_DIR / "tokenizer.json"
+        candidate = parent / TOKENIZER_DIR / TOKENIZER_FILE
         if candidate.is_file():
-            return Tokenizer.load(candidate)
+            return load_tokenizer(candidate.parent)
     return None
+
+
+def checkpoint_tokenizer(path: str | Path) -> Tokenizer | None:
+    """The tokenizer stored with a checkpoint (embedded, or a Hugging Face directory's own files, with its
+    special ids and chat template), without loading the weights; None if it has none."""
+    if is_hf_checkpoint(path):
+        return _from_hf(read_hf_tokenizer, path)
+    _, _, tokenizer_json, _ = read_model_checkpoint(path)
+    return tokenizer_from_str(tokenizer_json) if tokenizer_json else None
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device | None = None):
@@ -188,19 +196,26 @@ def load_checkpoint(path: str | Path, device: str | torch.device | None = None):
     model.eval()
     if device is not None:
         model.to(device)
-    tokenizer = tokenizer_from_json(tokenizer_json) if tokenizer_json else _find_tokenizer_near(resolved.parent)
+    tokenizer = tokenizer_from_str(tokenizer_json) if tokenizer_json else _find_tokenizer_near(resolved.parent)
     return model, tokenizer
 
 
 # ----------------------------------------------------------------------------- init_from
 
 
+# What must agree between init_from's model and the configured one: the shapes, and the values that change the
+# computation without changing a shape (a released checkpoint's RoPE theta and RMSNorm epsilon).
+MATCHING_KEYS = ("n_layers", "d_model", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "tie_embeddings",
+                 "rope_theta", "norm_eps", "mask_token_id", "eos_token_id", "pad_token_id")
+
+
 def check_compatible(cfg: ModelConfig, expected: ModelConfig, state: dict, model: torch.nn.Module, path) -> None:
-    """Refuse a checkpoint whose vocabulary or parameter shapes differ from the configured model, naming them."""
+    """Refuse a checkpoint whose vocabulary, special ids, RoPE/norm constants or parameter shapes differ from
+    the configured model, naming them and the `model.*` overrides that make the config match."""
     problems = []
     if cfg.vocab_size != expected.vocab_size:
         problems.append(f"vocabulary: checkpoint vocab_size={cfg.vocab_size}, config model.vocab_size={expected.vocab_size}")
-    for key in ("mask_token_id", "eos_token_id", "pad_token_id"):
+    for key in ("mask_token_id", "eos_token_id", "pad_token_id", "rope_theta", "norm_eps"):
         if getattr(cfg, key) != getattr(expected, key):
             problems.append(f"{key}: checkpoint {getattr(cfg, key)}, config {getattr(expected, key)}")
     own = model.state_dict()
@@ -213,19 +228,33 @@ def check_compatible(cfg: ModelConfig, expected: ModelConfig, state: dict, model
     if missing or unexpected:
         problems.append(f"parameter names differ (missing {missing[:4]}, unexpected {unexpected[:4]})")
     if problems:
-        arch = {k: getattr(cfg, k) for k in ("n_layers", "d_model", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size")}
+        fix = " ".join(f"model.{k}={getattr(cfg, k)}" for k in MATCHING_KEYS if getattr(cfg, k) != getattr(expected, k))
         raise CheckpointError(
             f"init_from={path} does not fit the configured model: " + " | ".join(problems)
-            + f". The checkpoint's model is {cfg.name} {arch}: pass the same model (e.g. model={cfg.name}"
-            " with the same overrides) for SFT."
+            + f". The checkpoint's model is {cfg.name}; pass its architecture: {fix or '(same keys; see above)'}"
         )
 
 
+def read_model_layout(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """(model config, state dict whose shapes can be checked) of a checkpoint, without reading its weights:
+    memory-mapped for our files, a meta-device state for a Hugging Face directory."""
+    if is_hf_checkpoint(path):
+        return _from_hf(read_hf_layout, path)
+    cfg, state, _, _ = read_model_checkpoint(path)
+    return cfg, state
+
+
 def load_init_weights(model: torch.nn.Module, path: str | Path, expected: ModelConfig):
-    """Copy pretrained weights into `model` (SFT's `init_from`); returns the checkpoint's tokenizer json."""
+    """Copy pretrained weights into `model` (`init_from`: SFT, continued pretraining); returns the checkpoint's
+    tokenizer json (None for a Hugging Face directory, whose tokenizer is its files) and the resolved path."""
     p = Path(path).expanduser()
     if not p.exists():
         raise CheckpointError(f"init_from={path}: no such file or directory")
+    if is_hf_checkpoint(p):  # streamed tensor by tensor: no second full copy of a released 8B model
+        cfg, state = read_model_layout(p)
+        check_compatible(cfg, expected, state, model, path)
+        _from_hf(copy_hf_weights, model, p)
+        return None, p
     cfg, state, tokenizer_json, resolved = read_model_checkpoint(p)
     check_compatible(cfg, expected, state, model, path)
     model.load_state_dict(state)

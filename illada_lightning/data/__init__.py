@@ -1,5 +1,6 @@
 """Data pipeline: tokenizer, corpora, packing, SFT layouts, resumable loaders, synthetic instruction task."""
 
+from illada_lightning.data.checkpoint_tokenizer import CheckpointTokenizer, load_tokenizer
 from illada_lightning.data.config import DataConfig, SFTDataConfig, TokenizerConfig
 from illada_lightning.data.tokenizer import (
     Tokenizer,
@@ -13,6 +14,8 @@ __all__ = [
     "SFTDataConfig",
     "TokenizerConfig",
     "Tokenizer",
+    "CheckpointTokenizer",
+    "load_tokenizer",
     "build_tokenizer",
     "check_tokenizer_compatible",
     "train_tokenizer",

@@ -2,7 +2,8 @@
 
 Special tokens occupy ids 0..8 in every tokenizer this project trains, so a model config can name the pad,
 EOS and mask ids before a tokenizer exists (`model/config.py`); `check_tokenizer_compatible` verifies the
-pairing at run time.
+pairing at run time. A released checkpoint's tokenizer keeps its own ids and Jinja template
+(`checkpoint_tokenizer.py`).
 
 Chat template. Each turn is `<|role|>\\n{content}\\n`; a generation prompt ends with `<|assistant|>\\n`. A
 training example is `format_chat(messages up to the last user turn, add_generation_prompt=True)` followed
@@ -28,6 +29,12 @@ SPECIAL_TOKENS = (
 PAD, BOS, EOS, MASK = SPECIAL_TOKENS[:4]
 ROLE_TOKENS = {"user": "<|user|>", "assistant": "<|assistant|>", "system": "<|system|>"}
 TOKENIZER_FILE = "tokenizer.json"
+# `Tokenizer.format_chat` written as Jinja: the template saved with our tokenizers in `tokenizer_config.json`
+# (data/checkpoint_tokenizer.py, exported checkpoints), so they render the same text everywhere.
+PROJECT_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content'] + '\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
 
 
 class Tokenizer:
@@ -84,6 +91,10 @@ class Tokenizer:
         if add_generation_prompt:
             parts.append(f"{ROLE_TOKENS['assistant']}\n")
         return "".join(parts)
+
+    def to_str(self) -> str:
+        """The form embedded in checkpoints (`checkpoint_tokenizer.tokenizer_from_str` reads it back)."""
+        return self._tok.to_str()
 
     def fingerprint(self) -> str:
         """Content hash: keys the tokenised-corpus cache."""

@@ -4,7 +4,7 @@ A directory holds `config.json` (the LLaDA config, `llada_config.py`), safetenso
 with `model.safetensors.index.json`, `llada_weights.py`) and `tokenizer.json` + `tokenizer_config.json`
 (`hf_tokenizer.py`). Loading builds the model on the meta device and assigns each weight read from the
 memory-mapped files straight in the target dtype (bf16 on GPU): no full float32 copy of an 8B model ever
-exists in host memory. `training/checkpoint.py` dispatches here for such a directory, so `load_checkpoint`,
+exists in host memory. `checkpoint/model.py` dispatches here for such a directory, so `load_checkpoint`,
 `experiments.evaluate ckpt=`, `experiments.generate ckpt=` and `init_from=` accept it.
 """
 
@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..data.checkpoint_tokenizer import CheckpointTokenizer
 from ..data.tokenizer import Tokenizer
 from ..model.config import ModelConfig
 from ..model.transformer import MaskPredictor
@@ -62,7 +63,7 @@ def load_hf_checkpoint(path: str | Path, device=None, dtype: torch.dtype | None 
     """`(model in eval mode, tokenizer)`; weights read lazily, one tensor at a time, in `dtype` on `device`."""
     directory = Path(path).expanduser()
     cfg = read_config(directory)
-    tokenizer = load_tokenizer_dir(directory, cfg) if (directory / TOKENIZER_JSON).is_file() else None
+    tokenizer = read_hf_tokenizer(directory)
     shards = SafetensorsShards(directory)
     check_weights(shards, cfg)
     device = torch.device(device or "cpu")
@@ -73,6 +74,12 @@ def load_hf_checkpoint(path: str | Path, device=None, dtype: torch.dtype | None 
     return model.eval(), tokenizer
 
 
+def read_hf_tokenizer(path: str | Path) -> CheckpointTokenizer | None:
+    """The directory's tokenizer with the special ids of its config.json (None without tokenizer.json)."""
+    directory = Path(path).expanduser()
+    return load_tokenizer_dir(directory, read_config(directory)) if (directory / TOKENIZER_JSON).is_file() else None
+
+
 def read_hf_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], None, Path]:
     """`read_model_checkpoint`'s answer for a directory: (config, state in the stored dtype on CPU, no
     tokenizer json - its special ids live in config.json, see `load_hf_checkpoint` - , the directory)."""
@@ -81,6 +88,29 @@ def read_hf_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.T
     shards = SafetensorsShards(directory)
     check_weights(shards, cfg)
     return cfg, dict(iter_state(shards, cfg, torch.device("cpu"), None)), None, directory
+
+
+def read_hf_layout(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """The config and a meta-device state dict (our names and shapes, no data) of a checked directory: what
+    init_from's compatibility check needs, without reading a weight."""
+    directory = Path(path).expanduser()
+    cfg = read_config(directory)
+    check_weights(SafetensorsShards(directory), cfg)
+    with torch.device("meta"):
+        return cfg, MaskPredictor(cfg).state_dict()
+
+
+@torch.no_grad()
+def copy_hf_weights(model: MaskPredictor, path: str | Path) -> None:
+    """Copy the directory's weights into `model` one tensor at a time (init_from): host memory holds the model
+    and one tensor being read, never a second full copy of an 8B model."""
+    directory = Path(path).expanduser()
+    cfg = read_config(directory)
+    shards = SafetensorsShards(directory)
+    check_weights(shards, cfg)
+    own = model.state_dict()
+    for name, tensor in iter_state(shards, cfg, torch.device("cpu"), None):
+        own[name].copy_(tensor)
 
 
 def export_hf_checkpoint(model: MaskPredictor, tokenizer: Tokenizer | None, out: str | Path, *,

@@ -192,7 +192,7 @@ class TrainingConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
-    init_from: str | None = None  # SFT (stage=sft) starts from this pretraining run dir or checkpoint
+    init_from: str | None = None  # stage=sft/pretrain starts from this run dir, checkpoint or HF directory
     resume: str = "never"  # never | auto (continue from the last checkpoint in the run directory)
     on_nan: str = "stop"  # stop | rollback (reload the last checkpoint, LR * nan_lr_scale)
     nan_lr_scale: float = 0.5
@@ -223,7 +223,8 @@ class TrainingConfig:
         _need(self.matmul_precision in (None, "highest", "high", "medium"),
               f"matmul_precision must be highest|high|medium or null, got {self.matmul_precision!r}")
         if self.init_from is not None:
-            _need(self.stage == "sft", f"init_from is for stage=sft (stage=all chains its own runs), got stage={self.stage}")
+            _need(self.stage in ("sft", "pretrain"), "init_from is for stage=sft or stage=pretrain (continued "
+                  f"pretraining; stage=all chains its own runs), got stage={self.stage}")
         return self
 
     @property

@@ -22,15 +22,16 @@ from ..checkpoint import (
     TOKENIZER_DIR,
     CheckpointError,
     check_compatible,
+    checkpoint_tokenizer,
     read_finished,
-    read_model_checkpoint,
-    tokenizer_from_json,
+    read_model_layout,
 )
 from ..config import ConfigError
+from ..data.checkpoint_tokenizer import load_tokenizer
 from ..data.config import SFTDataConfig
 from ..data.datamodule import PretrainDataModule, SFTDataModule
 from ..data.sft import load_sft_examples
-from ..data.tokenizer import Tokenizer, build_tokenizer, check_tokenizer_compatible
+from ..data.tokenizer import TOKENIZER_FILE, build_tokenizer, check_tokenizer_compatible
 from ..model.build import build_model
 from .config import TrainingConfig
 from .strategy import check_strategy
@@ -81,24 +82,36 @@ def sft_init_path(cfg: TrainingConfig) -> str | None:
     return str(own) if (own / "model.pt").is_file() else None
 
 
+def init_path(cfg: TrainingConfig) -> str | None:
+    """The checkpoint the first stage starts from: init_from (SFT or continued pretraining), or for stage=sft
+    this run's own pretraining; None when training starts from random weights (stage=all chains its own)."""
+    if cfg.stage == "sft":
+        return sft_init_path(cfg)
+    return cfg.init_from if cfg.stage == "pretrain" else None
+
+
 def resolve_tokenizer(cfg: TrainingConfig):
-    """The run's tokenizer: the run directory's own (resume), the init checkpoint's (SFT), or built from the
+    """The run's tokenizer: the run directory's own (resume), the init checkpoint's (SFT, continued
+    pretraining: a released checkpoint's brings its own special ids and chat template), or built from the
     config (loaded from tokenizer.path, or trained on the pretraining corpus and cached)."""
-    own = Path(cfg.resolved_run_dir) / TOKENIZER_DIR / "tokenizer.json"
+    own = Path(cfg.resolved_run_dir) / TOKENIZER_DIR
     tokenizer = None
-    continuing = cfg.resume == "auto" or cfg.stage == "sft"  # a fresh run builds its tokenizer from the config
-    if own.is_file() and continuing:
-        tokenizer = Tokenizer.load(own)
-    elif cfg.stage == "sft" and sft_init_path(cfg):
+    # a fresh run builds its tokenizer from the config, or takes the one of the checkpoint it starts from
+    continuing = cfg.resume == "auto" or cfg.stage == "sft" or bool(cfg.init_from)
+    if (own / TOKENIZER_FILE).is_file() and continuing:
+        tokenizer = load_tokenizer(own)
+    elif init_path(cfg):
         try:
-            _, _, tok_json, _ = read_model_checkpoint(sft_init_path(cfg))
+            tokenizer = checkpoint_tokenizer(init_path(cfg))
         except CheckpointError as exc:
             raise CheckpointError(f"init_from: {exc}") from None
-        tokenizer = tokenizer_from_json(tok_json) if tok_json else None
+        if tokenizer is not None and cfg.tokenizer.path:
+            log.warning("tokenizer.path=%s is not used: the run continues with the tokenizer of %s", cfg.tokenizer.path,
+                        init_path(cfg))
     if tokenizer is None and not is_rank_zero() and not cfg.tokenizer.path:
         # Launched by torchrun/SLURM, every rank starts at once: rank 0 trains the tokenizer, the others
         # wait for the file instead of racing it on the shared cache.
-        tokenizer = Tokenizer.load(_wait_for(own))
+        tokenizer = load_tokenizer(_wait_for(own / TOKENIZER_FILE).parent)
     if tokenizer is None:
         data = cfg.pretrain.data
         tokenizer = build_tokenizer(cfg.tokenizer, data.train_files, fmt=data.format, text_field=data.text_field,
@@ -148,13 +161,13 @@ def stage_max_seq_len(cfg: TrainingConfig, stage: str) -> int:
 
 
 def check_init_from(cfg: TrainingConfig) -> None:
-    """stage=sft with init_from: the checkpoint exists and fits the configured model."""
-    if cfg.stage != "sft" or not cfg.init_from:
+    """init_from (stage=sft or stage=pretrain): the checkpoint exists and fits the configured model."""
+    if not cfg.init_from:
         return
     p = Path(cfg.init_from).expanduser()
     if not p.exists():
         raise CheckpointError(f"init_from={cfg.init_from}: no such file or directory")
-    ckpt_cfg, state, _, _ = read_model_checkpoint(p)
+    ckpt_cfg, state = read_model_layout(p)
     check_compatible(ckpt_cfg, cfg.model, state, build_model(cfg.model, device="meta"), cfg.init_from)
 
 

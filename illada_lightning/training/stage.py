@@ -68,7 +68,7 @@ def loss_summary(first: list[tuple[int, float]], recent: list[tuple[int, float]]
 
 def _stage_module(cfg: TrainingConfig, stage: str, tokenizer, lr_scale: float = 1.0):
     module = build_module(cfg, stage, lr_scale=lr_scale)
-    module.tokenizer_json = tokenizer.backend.to_str()  # embedded in checkpoints: one file restores both
+    module.tokenizer_json = tokenizer.to_str()  # embedded in checkpoints (with its special ids): one file restores both
     return module
 
 
@@ -89,8 +89,9 @@ def _should_skip(cfg: TrainingConfig, stage: str, stage_dir: Path) -> dict | Non
 
 
 def _initial_weights(cfg: TrainingConfig, stage: str, module, ckpt_path: Path | None) -> str | None:
-    """SFT not resuming starts from this run's pretraining (stage=all) or init_from; returns that path."""
-    if stage != "sft" or ckpt_path is not None:
+    """A stage not resuming starts from init_from (SFT, continued pretraining) or, for SFT, this run's
+    pretraining (stage=all); returns that path."""
+    if ckpt_path is not None or (stage == "pretrain" and not cfg.init_from):
         return None
     run_dir = Path(cfg.resolved_run_dir)
     init_path = str(run_dir / "pretrain") if cfg.stage == "all" else sft_init_path(cfg)
