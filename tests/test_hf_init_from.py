@@ -9,20 +9,19 @@ import json
 import numpy as np
 import pytest
 import torch
-from illada_lightning.checkpoint import CheckpointError
 
 import illada_lightning as il
 from experiments.export import main as export_main
 from experiments.generate import main as generate_main
 from experiments.run import main as run_main
+from illada_lightning.checkpoint import CheckpointError
 from illada_lightning.config import load_config
 from illada_lightning.data.checkpoint_tokenizer import CheckpointTokenizer, load_tokenizer, tokenizer_from_str
 from illada_lightning.data.config import SFTDataConfig
 from illada_lightning.data.datamodule import SFTDataModule
 from illada_lightning.data.sft import example_stream_documents, load_sft_examples, response_only_rows
 from illada_lightning.evaluation.cli import main as evaluate_main
-from illada_lightning.training.config import ExperimentConfig
-from illada_lightning.training.experiment import run_experiment
+from illada_lightning.experiment import ExperimentConfig, run_experiment
 from tests.test_eval_tasks import ARC_LETTERS, ARC_NUMERIC, write_jsonl
 from tests.test_hf_checkpoint import write_llada_like
 from tests.test_run_experiment import DEFAULT_YAML

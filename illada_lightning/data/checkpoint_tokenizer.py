@@ -127,7 +127,7 @@ def as_checkpoint_tokenizer(tokenizer: Tokenizer) -> CheckpointTokenizer:
                                pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id, chat_template=PROJECT_CHAT_TEMPLATE)
 
 
-def _read_rust(path: Path) -> RustTokenizer:
+def read_rust_tokenizer(path: Path) -> RustTokenizer:
     if not path.is_file():
         raise FileNotFoundError(f"tokenizer file not found: {path}")
     try:
@@ -136,7 +136,8 @@ def _read_rust(path: Path) -> RustTokenizer:
         raise ValueError(f"cannot read tokenizer file {path}: {exc}") from None
 
 
-def read_tokenizer_config(path: Path) -> dict:
+def read_json_object(path: Path) -> dict:
+    """A JSON file holding one object (tokenizer_config.json, config.json); ValueError naming the file."""
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as exc:
@@ -154,8 +155,8 @@ def load_tokenizer(path_or_dir: str | Path) -> Tokenizer:
     config_path = directory / TOKENIZER_CONFIG
     if not config_path.is_file():
         return Tokenizer.load(path)
-    rust = _read_rust(directory / TOKENIZER_FILE if path.is_dir() else path)
-    return CheckpointTokenizer.from_config(rust, read_tokenizer_config(config_path), str(config_path))
+    rust = read_rust_tokenizer(directory / TOKENIZER_FILE if path.is_dir() else path)
+    return CheckpointTokenizer.from_config(rust, read_json_object(config_path), str(config_path))
 
 
 def tokenizer_from_str(text: str) -> Tokenizer:

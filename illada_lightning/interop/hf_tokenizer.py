@@ -16,7 +16,8 @@ from ..data.checkpoint_tokenizer import (
     TOKENIZER_CONFIG,
     CheckpointTokenizer,
     as_checkpoint_tokenizer,
-    read_tokenizer_config,
+    read_json_object,
+    read_rust_tokenizer,
     token_id,
 )
 from ..data.tokenizer import TOKENIZER_FILE as TOKENIZER_JSON
@@ -26,12 +27,10 @@ from . import HFCheckpointError
 
 
 def _read(path: Path) -> RustTokenizer:
-    if not path.is_file():
-        raise HFCheckpointError(f"{path}: tokenizer file is missing")
     try:
-        return RustTokenizer.from_file(str(path))
-    except Exception as exc:  # the Rust side raises a bare Exception on malformed JSON
-        raise HFCheckpointError(f"{path}: cannot read the tokenizer ({exc})") from None
+        return read_rust_tokenizer(path)
+    except (FileNotFoundError, ValueError) as exc:
+        raise HFCheckpointError(str(exc)) from None
 
 
 def load_tokenizer_dir(directory: str | Path, cfg: ModelConfig) -> CheckpointTokenizer:
@@ -49,7 +48,7 @@ def load_tokenizer_dir(directory: str | Path, cfg: ModelConfig) -> CheckpointTok
                                     f"({size} tokens)")
     config_path = directory / TOKENIZER_CONFIG
     try:
-        extra = read_tokenizer_config(config_path) if config_path.is_file() else {}
+        extra = read_json_object(config_path) if config_path.is_file() else {}
         bos = token_id(tok, extra["bos_token"], str(config_path), "bos_token") if extra.get("bos_token") else None
         return CheckpointTokenizer.from_config(tok, extra, str(config_path), mask_id=cfg.mask_token_id,
                                                eos_id=cfg.eos_token_id, pad_id=cfg.pad_token_id,

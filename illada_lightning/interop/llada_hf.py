@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..data.checkpoint_tokenizer import CheckpointTokenizer
+from ..data.checkpoint_tokenizer import CheckpointTokenizer, read_json_object
 from ..data.tokenizer import Tokenizer
 from ..model.config import ModelConfig
 from ..model.transformer import MaskPredictor
@@ -46,11 +46,9 @@ def is_hf_checkpoint(path: str | Path) -> bool:
 def read_config(directory: str | Path) -> ModelConfig:
     path = Path(directory) / CONFIG_FILE
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        raw = read_json_object(path)
     except ValueError as exc:
-        raise HFCheckpointError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(raw, dict):
-        raise HFCheckpointError(f"{path}: expected a JSON object")
+        raise HFCheckpointError(str(exc)) from None
     return model_config_from_llada(raw, str(path))
 
 
