@@ -63,8 +63,8 @@ def run_args(root, conf, instruct, corpus, *extra) -> list[str]:
             "pretrain.data.max_seq_len=null", f"pretrain.data.cache_dir={root / 'cache'}",
             f"sft.data.cache_dir={root / 'cache'}", "sft.batch_size=8", "pretrain.batch_size=8",
             "sft.limit_val_batches=2", "pretrain.limit_val_batches=2", "sft.log_every_n_steps=2",
-            "pretrain.log_every_n_steps=2", "preview.num_prompts=1", "preview.gen_length=4", "preview.steps=4",
-            "preview.block_length=4", *extra]
+            "pretrain.log_every_n_steps=2", "preview.num_prompts=1", "preview.sampler.gen_length=4", "preview.sampler.steps=4",
+            "preview.sampler.block_length=4", *extra]
 
 
 # ----------------------------------------------------------------------------- data layer (fast)
@@ -160,8 +160,8 @@ def test_sft_from_a_released_style_checkpoint_trains_and_loads_back(llada_dir, t
     assert generate_main([f"ckpt={run}", "prompt=What is 2+3?", "sampler.steps=4", "sampler.gen_length=4",
                           "sampler.block_length=4"]) == 0
     data = write_jsonl(tmp_path / "arc.jsonl", [ARC_LETTERS, ARC_NUMERIC])
-    assert evaluate_main([f"ckpt={run}", "tasks=[arc_challenge]", "scoring_rule=likelihood", "mc_samples=2",
-                          "mc_batch_size=2", "num_fewshot=0", "mlflow=false", f"out={tmp_path / 'eval'}",
+    assert evaluate_main([f"ckpt={run}", "tasks=[arc_challenge]", "scoring.rule=likelihood", "scoring.mc_samples=2",
+                          "scoring.mc_batch_size=2", "num_fewshot=0", "mlflow=false", f"out={tmp_path / 'eval'}",
                           f"data.arc_challenge={data}"]) == 0
     assert json.loads((tmp_path / "eval" / "results.json").read_text())["arc_challenge"]["n"] == 2
     # ... and exported back to the released format, it carries the same special tokens and template.
