@@ -11,13 +11,19 @@ gen_length, block_length, remasking, temperature, cfg_scale, variable_length, ma
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict, dataclass, field
 
-import torch
+if __name__ == "__main__" and sys.argv[1:2] in (["-h"], ["--help"]):  # answered before torch is imported
+    print(__doc__)
+    sys.exit(0)
 
-from illada_lightning.config import ConfigError, load_config
-from illada_lightning.diffusion.sampler import SamplerConfig, generate
-from illada_lightning.training.checkpoint import load_checkpoint
+from dataclasses import asdict, dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from illada_lightning.config import ConfigError, load_config  # noqa: E402
+# SamplerConfig's module imports torch (so a typo'd key waits for it); the rest loads after parsing.
+from illada_lightning.diffusion.sampler import SamplerConfig  # noqa: E402
+from illada_lightning.evaluation.budget import trained_context  # noqa: E402
+from illada_lightning.logs import configure_logging  # noqa: E402
 
 
 @dataclass
@@ -36,21 +42,27 @@ class GenerateConfig:
             raise ValueError("ckpt= is required (a run directory or a checkpoint file)")
         if not self.chat and not self.prompt:
             raise ValueError('give prompt="..." or chat=true')
+        if not Path(self.ckpt).exists():
+            raise ValueError(f"ckpt={self.ckpt}: no such file or directory (a run directory or a checkpoint file)")
         return self
 
 
-def _device(name: str) -> torch.device:
+def _device(name: str):
+    import torch
+
     return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
 
 
-def sampler_options(model, n_prompt: int, cfg: GenerateConfig) -> dict:
-    """The sampler options, with a variable-length budget that would overrun the model's context shortened
-    to what fits (said on stderr; a fixed `gen_length` that does not fit stays an error)."""
+def sampler_options(model, n_prompt: int, cfg: GenerateConfig, context: int | None = None) -> dict:
+    """The sampler options, with a variable-length budget that would run past the context the checkpoint was
+    trained on (`context`, default the model's `max_seq_len`; see `evaluation/budget.py`) shortened to what
+    fits (said on stderr; a fixed `gen_length` that does not fit stays an error)."""
     options = asdict(cfg.sampler)
-    room = model.config.max_seq_len - n_prompt
+    context = context or model.config.max_seq_len
+    room = context - n_prompt
     budget = options["max_new_tokens"] or options["gen_length"]
     if options["variable_length"] and 0 < room < budget:
-        print(f"note: max_new_tokens {budget} -> {room} (model.max_seq_len={model.config.max_seq_len}, "
+        print(f"note: max_new_tokens {budget} -> {room} (the checkpoint was trained on {context}-token sequences, "
               f"prompt {n_prompt} tokens)", file=sys.stderr)
         options["max_new_tokens"] = room
         options["steps"] = max(1, options["steps"] * room // budget)
@@ -58,8 +70,13 @@ def sampler_options(model, n_prompt: int, cfg: GenerateConfig) -> dict:
 
 
 def generate_text(model, tokenizer, text: str, cfg: GenerateConfig) -> str:
+    import torch
+
+    from illada_lightning.diffusion.sampler import generate
+
     ids = torch.tensor(tokenizer.encode(text), device=next(model.parameters()).device)
-    out = generate(model, ids, tokenizer=tokenizer, **sampler_options(model, len(ids), cfg))
+    context = trained_context(cfg.ckpt, model.config.max_seq_len) if cfg.ckpt else None
+    out = generate(model, ids, tokenizer=tokenizer, **sampler_options(model, len(ids), cfg, context))
     return tokenizer.decode(out).strip()
 
 
@@ -92,7 +109,13 @@ def chat_loop(model, tokenizer, cfg: GenerateConfig, read=input, write=print) ->
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] in (["-h"], ["--help"]):
+        print(__doc__)
+        return 0
+    configure_logging()
     cfg = load_config(GenerateConfig, None, argv)
+    from illada_lightning.training.checkpoint import load_checkpoint
+
     model, tokenizer = load_checkpoint(cfg.ckpt, device=_device(cfg.device))
     if tokenizer is None:
         raise ConfigError(f"no tokenizer found with checkpoint {cfg.ckpt}")

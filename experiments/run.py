@@ -14,7 +14,6 @@ The config file defaults to experiments/configs/default.yaml; every key of
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 from pathlib import Path
@@ -53,18 +52,27 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from illada_lightning.logs import configure_logging
+
+    configure_logging()
     if "--multirun" in argv:  # comma lists become a grid sweep (same machinery as `python -m sweeps.run`)
         from illada_lightning.sweeps.multirun import multirun_main
 
         return multirun_main(argv)
+    # Parse and validate before importing torch / Lightning / MLflow: a typo is answered in a second.
     from illada_lightning.config import ConfigError, load_config
     from illada_lightning.training.config import ExperimentConfig
-    from illada_lightning.training.experiment import is_rank_zero, run_experiment
 
     config_path, overrides = split_args(argv)
     try:
         cfg = load_config(ExperimentConfig, config_path, overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from illada_lightning.training.experiment import is_rank_zero, run_experiment
+
+    configure_logging()  # again: importing Lightning installed its own handler
+    try:
         result = run_experiment(cfg)
     except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as exc:
         if os.environ.get("ILLADA_TRACEBACK"):  # debugging: the full traceback instead of one line

@@ -11,8 +11,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from illada_lightning.reporting import ReportError, build_report
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m reports.make", description=__doc__.split("\n\n")[0])
@@ -24,6 +22,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-root", default="reports", help="reports go to <out-root>/<name>/")
     parser.add_argument("--no-log", action="store_true", help="do not log the report as an MLflow artifact")
     args = parser.parse_args(argv)
+    from illada_lightning.logs import configure_logging
+    from illada_lightning.reporting import ReportError, build_report  # MLflow loads only after parsing
+
+    configure_logging()
     try:
         report = build_report(args.tracking_uri, experiment=args.experiment, sweep=args.sweep,
                               out_root=args.out_root, log_artifact=not args.no_log)

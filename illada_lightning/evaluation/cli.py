@@ -12,17 +12,17 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-import torch
-
 from illada_lightning.config import ConfigError, load_config
 
+from ..logs import configure_logging
 from ..provenance import git_commit
+from .budget import budget_note, fit_budget, trained_context
 from .config import EvalConfig
-from .runner import evaluate
 
 log = logging.getLogger(__name__)
 MLFLOW_RUNS_FILE = "mlflow_runs.json"
@@ -40,6 +40,8 @@ class EvaluateConfig(EvalConfig):
         super().validate()
         if not self.ckpt:
             raise ValueError("ckpt=PATH is required (a run directory or a checkpoint file)")
+        if not Path(self.ckpt).exists():  # checked here, before torch is imported
+            raise ValueError(f"ckpt={self.ckpt}: no such file or directory (a run directory or a checkpoint file)")
         return self
 
 
@@ -62,7 +64,9 @@ def output_dir(cfg: EvaluateConfig) -> Path:
     return (ckpt if ckpt.is_dir() else ckpt.parent) / "eval"
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str):
+    import torch
+
     return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
 
 
@@ -161,16 +165,38 @@ def log_to_mlflow(results: dict, cfg: EvaluateConfig, out: Path) -> str:
         return run.info.run_id
 
 
+def fit_generation_budget(cfg: EvaluateConfig, context: int) -> None:
+    """An answer gets at most half the context the checkpoint was trained on (the prompt keeps the rest, cut
+    from the left if longer): a budget beyond it is shortened, steps in proportion, with a note on stderr."""
+    room = context // 2
+    if cfg.generation_budget <= room:
+        return
+    if cfg.variable_length:
+        new = fit_budget(cfg.max_new_tokens, cfg.steps, room)
+        old, (cfg.max_new_tokens, cfg.steps) = (cfg.max_new_tokens, cfg.steps), new
+        what = "max_new_tokens"
+    else:
+        cfg.block_length = min(cfg.block_length, room)
+        new = fit_budget(cfg.gen_length, cfg.steps, room, cfg.block_length)
+        old, (cfg.gen_length, cfg.steps) = (cfg.gen_length, cfg.steps), new
+        what = "gen_length"
+    print(budget_note(what, old, new, context, f"; the answer gets half of them (set {what}= and steps= "
+                      f"below {room} to choose)"), file=sys.stderr)
+
+
 def run_evaluation(cfg: EvaluateConfig) -> dict[str, dict[str, float]]:
     from illada_lightning.training.checkpoint import load_checkpoint
 
-    from .tasks import get_task
+    from .runner import evaluate
+    from .tasks import MULTIPLE_CHOICE, get_task
 
     for name in cfg.tasks:  # a missing data file fails before the model loads
         get_task(name).data_path(cfg)
     model, tokenizer = load_checkpoint(cfg.ckpt, device=resolve_device(cfg.device))
     if tokenizer is None:
         raise ValueError(f"{cfg.ckpt}: no tokenizer was saved with this checkpoint")
+    if any(get_task(name).kind != MULTIPLE_CHOICE for name in cfg.tasks):
+        fit_generation_budget(cfg, trained_context(cfg.ckpt, model.config.max_seq_len))
     out = output_dir(cfg)
     results = evaluate(model, tokenizer, cfg.tasks, cfg, out_dir=out, model_id=str(Path(cfg.ckpt).resolve()))
     path = write_results(results, cfg, out)
@@ -191,15 +217,16 @@ def main(argv: list[str] | None = None) -> int:
         print("registered tasks: " + ", ".join(registered_tasks()))
         print("keys: " + ", ".join(f.name for f in fields(EvaluateConfig)))
         return 0
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from illada_lightning.training.checkpoint import CheckpointError
-
+    configure_logging()
     from .records import EvalDataError
 
     try:
-        cfg = parse_args(argv)
+        cfg = parse_args(argv)  # before torch is imported: a typo is answered at once
         run_evaluation(cfg)
-    except (ConfigError, EvalDataError, CheckpointError) as exc:
+    # ValueError covers CheckpointError and the settings checks of the runner and sampler.
+    except (ConfigError, EvalDataError, ValueError, FileNotFoundError) as exc:
+        if os.environ.get("ILLADA_TRACEBACK"):  # debugging: the full traceback instead of one line
+            raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

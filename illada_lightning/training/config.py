@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from ..data.config import DataConfig, SFTDataConfig, TokenizerConfig
-from ..diffusion.objective import DiffusionConfig
+from ..diffusion.config import DiffusionConfig
 from ..evaluation.config import EvalConfig
 from ..model.config import PRESETS, ModelConfig
 
