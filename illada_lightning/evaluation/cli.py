@@ -19,6 +19,7 @@ from pathlib import Path
 
 from illada_lightning.config import ConfigError, load_config
 
+from ..experiment_kind import mark_training_experiment
 from ..logs import configure_logging
 from ..provenance import git_commit
 from .budget import budget_note, fit_budget, trained_context
@@ -155,7 +156,8 @@ def log_to_mlflow(results: dict, cfg: EvaluateConfig, out: Path) -> str:
             log.warning("training run %s not found in %s; the evaluation run is linked by tag only", training_run, uri)
         tags["illada.training_run_id"] = training_run
     if experiment_id is None:
-        experiment_id = mlflow.set_experiment(cfg.experiment_name).experiment_id
+        experiment = mlflow.set_experiment(cfg.experiment_name)
+        experiment_id = mark_training_experiment(MlflowClient(), experiment.experiment_id)
     metrics = {f"eval/{task}/{name}": float(v) for task, values in results.items() for name, v in values.items()}
     params = {k: str(v)[:6000] for k, v in flatten(asdict(cfg)).items()}
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"eval-{Path(cfg.ckpt).name}", tags=tags) as run:

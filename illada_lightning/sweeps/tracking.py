@@ -13,6 +13,7 @@ from typing import Any
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
+from ..experiment_kind import EXPERIMENT_TAGS, mark_training_experiment
 from ..provenance import git_commit
 from .storage import sqlite_path
 
@@ -43,11 +44,11 @@ def ensure_experiment(client: MlflowClient, name: str, tracking_uri: str) -> str
     except Exception as exc:
         raise TrackingError(f"cannot open MLflow tracking URI {tracking_uri!r}: {type(exc).__name__}: {exc}") from None
     if exp is not None:
-        return exp.experiment_id
+        return mark_training_experiment(client, exp.experiment_id)
     path = sqlite_path(tracking_uri)
     location = (path.parent / "mlartifacts").resolve().as_uri() if path is not None else None
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_TAGS)
     except Exception:  # another worker created it first
         exp = client.get_experiment_by_name(name)
         if exp is None:

@@ -170,8 +170,10 @@ class PreviewConfig:
     """The few answers printed after SFT (through `diffusion.sampler.generate`)."""
 
     num_prompts: int = 3
-    gen_length: int = 32  # the token budget (max_new_tokens in variable-length mode)
-    steps: int = 32
+    # The token budget (max_new_tokens in variable-length mode); None: what the model was trained for, the
+    # SFT window less the longest prompt, in whole blocks (evaluation/budget.py explains why).
+    gen_length: int | None = None
+    steps: int | None = None  # None: one step per token of the budget
     block_length: int = 8
     # iLLaDA §2.3 block-by-block generation that stops at EOS: the matching decoder for whole_window SFT,
     # which never trains on positions after an example's EOS.

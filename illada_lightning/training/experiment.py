@@ -24,7 +24,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 
 from ..config import ConfigError, flatten, to_dict, to_yaml
@@ -44,6 +44,7 @@ from .checkpoint import (
 )
 from .config import ExperimentConfig
 from .module import DiffusionLMModule, PretrainModule, SFTModule
+from .progress import StepProgressBar
 from .strategy import check_strategy, make_strategy
 
 log = logging.getLogger(__name__)
@@ -235,7 +236,7 @@ def make_trainer(cfg: ExperimentConfig, stage: str, stage_dir: Path, logger, ext
 
         callbacks.append(PerEpochEvaluation(cfg.eval))
     if cfg.progress_bar:
-        callbacks.append(TQDMProgressBar(refresh_rate=max(1, section.log_every_n_steps // 2)))
+        callbacks.append(StepProgressBar(stage, refresh_rate=max(1, section.log_every_n_steps // 2)))
     callbacks += list(extra_callbacks)
     accumulate = section.accumulate_grad_batches
     val_every = section.val_every_n_steps
@@ -427,8 +428,11 @@ def preview_answers(cfg: ExperimentConfig, model, tokenizer) -> list[dict[str, s
     model.eval()
     ids = [torch.tensor(tokenizer.encode(p), dtype=torch.long, device=device) for p in prompts]
     p = cfg.preview
-    outputs = generate(model, ids, steps=p.steps, gen_length=p.gen_length, block_length=p.block_length,
-                       variable_length=p.variable_length, max_new_tokens=p.gen_length if p.variable_length else None,
+    room = cfg.sft.data.max_seq_len - max(len(i) for i in ids)  # the window SFT trained on, less the prompt
+    budget = p.gen_length or max(p.block_length, room // p.block_length * p.block_length)
+    steps = p.steps or budget
+    outputs = generate(model, ids, steps=steps, gen_length=budget, block_length=p.block_length,
+                       variable_length=p.variable_length, max_new_tokens=budget if p.variable_length else None,
                        generator=torch.Generator(device).manual_seed(cfg.seed))
     return [{"prompt": p, "answer": tokenizer.decode(out)} for p, out in zip(prompts, outputs)]
 

@@ -16,6 +16,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from illada_lightning.experiment_kind import EXPERIMENT_TAGS, mark_training_experiment
 from illada_lightning.provenance import git_commit
 
 from ..config import flatten, to_dict
@@ -68,8 +69,8 @@ class Tracker:
     def _experiment_id(self, name: str, location: str | None) -> str:
         found = self.client.get_experiment_by_name(name)
         if found is not None:
-            return found.experiment_id
-        return self.client.create_experiment(name, artifact_location=location)
+            return mark_training_experiment(self.client, found.experiment_id)
+        return self.client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_TAGS)
 
     def _load_runs(self) -> dict[str, str]:
         path = self.run_dir / RUNS_FILE
