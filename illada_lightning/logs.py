@@ -12,6 +12,7 @@ MLflow's database-migration chatter is lowered to warnings.
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 
 FORMAT = "%(levelname)s %(name)s: %(message)s"
@@ -24,6 +25,22 @@ QUIET_LOGGERS = ("mlflow.store.db.utils", "alembic", "alembic.runtime.migration"
 OWN_HANDLER_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric")
 
 
+class StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is at the time (test runners and tools swap it; a handler holding the old
+    stream would write into a closed file)."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 class DropAdvertisements(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return ADVERTISEMENT not in record.getMessage()
@@ -33,9 +50,9 @@ def configure_logging(level: int = logging.INFO) -> logging.Handler:
     """Install the project's handler on the root logger (once; calling again only re-applies the rules) and
     silence the noise listed above. Returns the handler."""
     root = logging.getLogger()
-    handler = next((h for h in root.handlers if isinstance(h.filters and h.filters[0], DropAdvertisements)), None)
+    handler = next((h for h in root.handlers if isinstance(h, StderrHandler)), None)
     if handler is None:
-        handler = logging.StreamHandler()
+        handler = StderrHandler()
         handler.setFormatter(logging.Formatter(FORMAT))
         handler.addFilter(DropAdvertisements())
         root.addHandler(handler)

@@ -41,8 +41,6 @@ class EvaluateConfig(EvalConfig):
         super().validate()
         if not self.ckpt:
             raise ValueError("ckpt=PATH is required (a run directory or a checkpoint file)")
-        if not Path(self.ckpt).exists():  # checked here, before torch is imported
-            raise ValueError(f"ckpt={self.ckpt}: no such file or directory (a run directory or a checkpoint file)")
         return self
 
 
@@ -187,13 +185,16 @@ def fit_generation_budget(cfg: EvaluateConfig, context: int) -> None:
 
 
 def run_evaluation(cfg: EvaluateConfig) -> dict[str, dict[str, float]]:
-    from illada_lightning.training.checkpoint import load_checkpoint
-
-    from .runner import evaluate
     from .tasks import MULTIPLE_CHOICE, get_task
 
     for name in cfg.tasks:  # a missing data file fails before the model loads
         get_task(name).data_path(cfg)
+    if not Path(cfg.ckpt).exists():  # and a missing checkpoint before torch is imported
+        raise ValueError(f"checkpoint path does not exist: {cfg.ckpt} (give a run directory or a checkpoint file)")
+    from illada_lightning.training.checkpoint import load_checkpoint
+
+    from .runner import evaluate
+
     model, tokenizer = load_checkpoint(cfg.ckpt, device=resolve_device(cfg.device))
     if tokenizer is None:
         raise ValueError(f"{cfg.ckpt}: no tokenizer was saved with this checkpoint")
