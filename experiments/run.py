@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
+UI_URL = "http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"
 
 
 def split_args(argv: list[str]) -> tuple[Path, list[str]]:
@@ -45,6 +46,8 @@ def print_result(result: dict) -> None:
         print(f"MLflow: {result['tracking_uri']} (experiment '{result['mlflow_experiment']}', parent run "
               f"{runs.get('parent')}; child runs " + ", ".join(f"{k}={v}" for k, v in runs.items() if k != "parent") + ")")
         print(f"open the MLflow UI with: {result['ui_command']}")
+        # MLflow 3.17 opens on its GenAI pages unless asked for the model-training view (README: MLflow UI).
+        print(f"then browse {UI_URL}")
 
 
 def main(argv: list[str] | None = None) -> int:
