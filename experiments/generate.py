@@ -10,6 +10,7 @@ gen_length, block_length, remasking, temperature, cfg_scale, variable_length, ma
 
 from __future__ import annotations
 
+import math
 import sys
 
 if __name__ == "__main__" and sys.argv[1:2] in (["-h"], ["--help"]):  # answered before torch is imported
@@ -65,7 +66,9 @@ def sampler_options(model, n_prompt: int, cfg: GenerateConfig, context: int | No
         print(f"note: max_new_tokens {budget} -> {room} (the checkpoint was trained on {context}-token sequences, "
               f"prompt {n_prompt} tokens)", file=sys.stderr)
         options["max_new_tokens"] = room
-        options["steps"] = max(1, options["steps"] * room // budget)
+        # steps in proportion, and a multiple of the number of blocks (the sampler splits them evenly)
+        n_blocks = math.ceil(room / min(options["block_length"] or 32, room))
+        options["steps"] = max(n_blocks, options["steps"] * room // budget // n_blocks * n_blocks)
     return options
 
 
