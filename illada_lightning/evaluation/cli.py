@@ -180,8 +180,8 @@ def fit_generation_budget(cfg: EvaluateConfig, context: int) -> None:
         new = fit_budget(cfg.gen_length, cfg.steps, room, cfg.block_length)
         old, (cfg.gen_length, cfg.steps) = (cfg.gen_length, cfg.steps), new
         what = "gen_length"
-    print(budget_note(what, old, new, context, f"; the answer gets half of them (set {what}= and steps= "
-                      f"below {room} to choose)"), file=sys.stderr)
+    print(budget_note(what, old, new, context, f"; an answer gets at most half of them ({what}=N with "
+                      f"N <= {room} picks another)"), file=sys.stderr)
 
 
 def run_evaluation(cfg: EvaluateConfig) -> dict[str, dict[str, float]]:
