@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from illada_lightning.config import ConfigError, load_config  # noqa: E402
+
 # SamplerConfig's module imports torch (so a typo'd key waits for it); the rest loads after parsing.
 from illada_lightning.diffusion.sampler import SamplerConfig  # noqa: E402
 from illada_lightning.evaluation.budget import trained_context  # noqa: E402

@@ -15,7 +15,6 @@ from pathlib import Path
 from mlflow import MlflowClient
 
 from ..experiment_kind import EXPERIMENT_TAGS
-
 from .collect import (
     REPORT_TAG,
     ReportError,
