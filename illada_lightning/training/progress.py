@@ -13,7 +13,7 @@ from typing import Any
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import _update_n
 
-BAR_FORMAT = "{desc}: step {n_fmt}/{total_fmt} {bar:16} [{elapsed}, ETA {remaining}, {rate_fmt}{postfix}]"
+BAR_FORMAT = "{desc}step {n_fmt}/{total_fmt} {bar:16} [{elapsed}, ETA {remaining}, {rate_fmt}{postfix}]"
 
 
 class StepProgressBar(TQDMProgressBar):
