@@ -64,7 +64,7 @@ def test_variable_length_budget_is_shortened_to_the_model_context(ckpt, capsys):
     cfg = load_config(GenerateConfig, None, [f"ckpt={ckpt}", "prompt=x", "sampler.max_new_tokens=300",
                                              "sampler.steps=300"])
     opts = sampler_options(model, n_prompt=56, cfg=cfg)
-    assert opts["max_new_tokens"] == 200 and opts["steps"] == 196  # 256 - 56, steps scaled alike (7 blocks of 32)
+    assert opts["max_new_tokens"] == 200 and opts["steps"] == 200  # 256 - 56, steps scaled alike (50 blocks of 4)
     assert "max_new_tokens 300 -> 200" in capsys.readouterr().err
     fixed = load_config(GenerateConfig, None, [f"ckpt={ckpt}", "prompt=x", "sampler.variable_length=false"])
     assert sampler_options(model, n_prompt=10, cfg=fixed)["gen_length"] == 128  # fixed length is never changed
@@ -86,6 +86,6 @@ def test_default_budget_is_the_trained_window_less_the_prompt(ckpt, tmp_path, ca
     context = trained_context(run / "sft", model.config.max_seq_len)
     cfg = load_config(GenerateConfig, None, [f"ckpt={run / 'sft'}", "prompt=hello"])
     opts = sampler_options(model, 21, cfg, context)
-    assert context == 128 and opts["max_new_tokens"] == 107 and opts["steps"] % 4 == 0  # 4 blocks of <= 32
+    assert context == 128 and opts["max_new_tokens"] == 107 and opts["steps"] == 108  # 27 blocks of <= 4
     assert "trained on 128-token sequences" in capsys.readouterr().err
     assert main([f"ckpt={run / 'sft'}", "prompt=hello"]) == 0  # runs with those defaults
