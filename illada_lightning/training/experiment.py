@@ -428,7 +428,8 @@ def preview_answers(cfg: ExperimentConfig, model, tokenizer) -> list[dict[str, s
     model.eval()
     ids = [torch.tensor(tokenizer.encode(p), dtype=torch.long, device=device) for p in prompts]
     p = cfg.preview
-    room = cfg.sft.data.max_seq_len - max(len(i) for i in ids)  # the window SFT trained on, less the prompt
+    window = cfg.sft.data.max_seq_len or cfg.model.max_seq_len  # the window SFT trained on (null: the model's)
+    room = window - max(len(i) for i in ids)
     budget = p.gen_length or max(p.block_length, room // p.block_length * p.block_length)
     steps = p.steps or budget
     outputs = generate(model, ids, steps=steps, gen_length=budget, block_length=p.block_length,
