@@ -57,7 +57,8 @@ SHORTER = [
                                    "sft.limit_val_batches=1", "preview.num_prompts=1"]),
     ("python -m experiments.evaluate", ["limit=8", "mc_samples=4"]),
     ("python -m sweeps.run sweeps/scoring_rule.yaml",  # its benchmark tasks need files the project does not ship
-     ["checkpoint=runs/default", "evaluation.overrides=[tasks=[cloze],data.cloze=data/corpus/valid.txt,limit=8]"]),
+     ["checkpoint=runs/default",
+      'evaluation.overrides=["tasks=[cloze]","data.cloze=data/corpus/valid.txt","limit=8","mc_samples=4"]']),
 ]
 NOT_HERE = {"pip install": "the install + test command is what CI runs (the test above checks it)"}
 NEEDS_GPU = "# on a GPU"
