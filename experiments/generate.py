@@ -10,14 +10,20 @@ gen_length, block_length, remasking, temperature, cfg_scale, variable_length, ma
 
 from __future__ import annotations
 
+import math
 import sys
-from dataclasses import asdict, dataclass, field
 
-import torch
+if __name__ == "__main__" and sys.argv[1:2] in (["-h"], ["--help"]):  # answered before torch is imported
+    print(__doc__)
+    sys.exit(0)
 
-from illada_lightning.checkpoint import load_checkpoint
-from illada_lightning.config import ConfigError, load_config
-from illada_lightning.diffusion.sampler import SamplerConfig, generate
+from dataclasses import asdict, dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from illada_lightning.budget import trained_context  # noqa: E402
+from illada_lightning.config import ConfigError, load_config  # noqa: E402
+from illada_lightning.diffusion.sampler_config import SamplerConfig  # noqa: E402  (no torch: typos answer fast)
+from illada_lightning.logs import configure_logging  # noqa: E402
 
 
 @dataclass
@@ -28,38 +34,54 @@ class GenerateConfig:
     chat_template: bool = True  # wrap a single prompt as a user turn of the chat template
     system: str | None = None  # optional system message
     device: str = "auto"
+    # Budget: gen_length tokens, shortened to what the checkpoint was trained for. Blocks of 4: small models
+    # fine-tuned on whole windows answer cleanly with short blocks (pass sampler.block_length=32 for the
+    # paper's setting on large models).
     sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(
-        steps=128, gen_length=128, block_length=32, variable_length=True))  # budget: gen_length tokens
+        steps=128, gen_length=128, block_length=4, variable_length=True))
 
     def validate(self) -> GenerateConfig:
         if not self.ckpt:
             raise ValueError("ckpt= is required (a run directory or a checkpoint file)")
         if not self.chat and not self.prompt:
             raise ValueError('give prompt="..." or chat=true')
+        if not Path(self.ckpt).exists():
+            raise ValueError(f"ckpt={self.ckpt}: no such file or directory (a run directory or a checkpoint file)")
         return self
 
 
-def _device(name: str) -> torch.device:
+def _device(name: str):
+    import torch
+
     return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
 
 
-def sampler_options(model, n_prompt: int, cfg: GenerateConfig) -> dict:
-    """The sampler options, with a variable-length budget that would overrun the model's context shortened
-    to what fits (said on stderr; a fixed `gen_length` that does not fit stays an error)."""
+def sampler_options(model, n_prompt: int, cfg: GenerateConfig, context: int | None = None) -> dict:
+    """The sampler options, with a variable-length budget that would run past the context the checkpoint was
+    trained on (`context`, default the model's `max_seq_len`; see `illada_lightning/budget.py`) shortened to what
+    fits (said on stderr; a fixed `gen_length` that does not fit stays an error)."""
     options = asdict(cfg.sampler)
-    room = model.config.max_seq_len - n_prompt
+    context = context or model.config.max_seq_len
+    room = context - n_prompt
     budget = options["max_new_tokens"] or options["gen_length"]
     if options["variable_length"] and 0 < room < budget:
-        print(f"note: max_new_tokens {budget} -> {room} (model.max_seq_len={model.config.max_seq_len}, "
+        print(f"note: max_new_tokens {budget} -> {room} (the checkpoint was trained on {context}-token sequences, "
               f"prompt {n_prompt} tokens)", file=sys.stderr)
         options["max_new_tokens"] = room
-        options["steps"] = max(1, options["steps"] * room // budget)
+        # steps in proportion, and a multiple of the number of blocks (the sampler splits them evenly)
+        n_blocks = math.ceil(room / min(options["block_length"] or 32, room))
+        options["steps"] = math.ceil(options["steps"] * room / budget / n_blocks) * n_blocks
     return options
 
 
 def generate_text(model, tokenizer, text: str, cfg: GenerateConfig) -> str:
+    import torch
+
+    from illada_lightning.diffusion.sampler import generate
+
     ids = torch.tensor(tokenizer.encode(text), device=next(model.parameters()).device)
-    out = generate(model, ids, tokenizer=tokenizer, **sampler_options(model, len(ids), cfg))
+    context = trained_context(cfg.ckpt, model.config.max_seq_len) if cfg.ckpt else None
+    out = generate(model, ids, tokenizer=tokenizer, **sampler_options(model, len(ids), cfg, context))
     return tokenizer.decode(out).strip()
 
 
@@ -92,7 +114,13 @@ def chat_loop(model, tokenizer, cfg: GenerateConfig, read=input, write=print) ->
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] in (["-h"], ["--help"]):
+        print(__doc__)
+        return 0
+    configure_logging()
     cfg = load_config(GenerateConfig, None, argv)
+    from illada_lightning.checkpoint import load_checkpoint
+
     model, tokenizer = load_checkpoint(cfg.ckpt, device=_device(cfg.device))
     if tokenizer is None:
         raise ConfigError(f"no tokenizer found with checkpoint {cfg.ckpt}")

@@ -9,7 +9,6 @@ import json
 import sys
 from dataclasses import asdict, dataclass, field
 
-from illada_lightning import build_model, count_parameters
 from illada_lightning.config import ConfigError, load_config
 from illada_lightning.model.config import ModelConfig
 
@@ -20,7 +19,9 @@ class InspectConfig:
 
 
 def main(argv: list[str]) -> dict:
-    cfg = load_config(InspectConfig, None, argv)
+    cfg = load_config(InspectConfig, None, argv)  # before torch is imported: a typo is answered at once
+    from illada_lightning import build_model, count_parameters
+
     model = build_model(cfg.model, device="meta")
     counts = count_parameters(model)
     return {"preset": cfg.model.name, **counts, "device": str(next(model.parameters()).device),
@@ -28,6 +29,9 @@ def main(argv: list[str]) -> dict:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] in (["-h"], ["--help"]):
+        print(__doc__ + "\nkeys: model=<preset> and model.<field>=VALUE for the fields of model.config.ModelConfig")
+        sys.exit(0)
     try:
         print(json.dumps(main(sys.argv[1:])))
     except (ConfigError, ValueError, KeyError, TypeError) as exc:

@@ -14,13 +14,13 @@ The config file defaults to experiments/configs/default.yaml; every key of
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shlex
 import sys
 from pathlib import Path
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
+UI_URL = "http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"
 
 
 def split_args(argv: list[str]) -> tuple[Path, list[str]]:
@@ -55,6 +55,8 @@ def print_result(result: dict) -> None:
         print(f"MLflow: {result['tracking_uri']} (experiment '{result['mlflow_experiment']}', parent run "
               f"{runs.get('parent')}; child runs " + ", ".join(f"{k}={v}" for k, v in runs.items() if k != "parent") + ")")
         print(f"open the MLflow UI with: {result['ui_command']}")
+        # MLflow 3.17 opens on its GenAI pages unless asked for the model-training view (README: MLflow UI).
+        print(f"then browse {UI_URL}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,18 +64,28 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from illada_lightning.logs import configure_logging
+
+    configure_logging()
     if "--multirun" in argv:  # comma lists become a grid sweep (same machinery as `python -m sweeps.run`)
         from illada_lightning.sweeps.multirun import multirun_main
 
         return multirun_main(argv)
+    # Parse and validate before importing torch / Lightning / MLflow: a typo is answered in a second.
     from illada_lightning.config import ConfigError, load_config
-    from illada_lightning.experiment import ExperimentConfig, run_experiment
-    from illada_lightning.training.experiment import TrainingInterrupted, is_rank_zero
+    from illada_lightning.experiment.config import ExperimentConfig
 
     config_path, overrides = split_args(argv)
     try:
         cfg = load_config(ExperimentConfig, config_path, overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from illada_lightning.experiment.run import run_experiment
+    from illada_lightning.training.experiment import TrainingInterrupted, is_rank_zero
+
+    configure_logging()  # again: importing Lightning installed its own handler
+    try:
         result = run_experiment(cfg)
     except TrainingInterrupted as exc:  # a stop signal: checkpoint saved, MLflow runs KILLED
         if is_rank_zero():

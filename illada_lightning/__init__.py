@@ -11,13 +11,15 @@ from __future__ import annotations
 
 from importlib import import_module
 
-from .model import MaskPredictor, ModelConfig, count_parameters
-from .model.build import build_model
-
 __version__ = "0.1.0"
 
-# Heavier entry points load on first use, so `import illada_lightning` stays fast.
+# Every entry point loads on first use: `import illada_lightning.config` (what the CLIs need to parse and
+# validate a command line) then never waits for torch to import.
 _LAZY = {
+    "MaskPredictor": "illada_lightning.model.transformer",
+    "count_parameters": "illada_lightning.model.transformer",
+    "ModelConfig": "illada_lightning.model.config",
+    "build_model": "illada_lightning.model.build",
     "load_checkpoint": "illada_lightning.checkpoint",
     "generate": "illada_lightning.diffusion.sampler",
     "score_choices": "illada_lightning.diffusion.scoring",
@@ -30,4 +32,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'illada_lightning' has no attribute {name!r}")
 
 
-__all__ = ["MaskPredictor", "ModelConfig", "build_model", "count_parameters", *_LAZY]
+__all__ = list(_LAZY)

@@ -90,3 +90,17 @@ def store_of_run_dir(run_dir: Path, configured_uri: str | None, runs_root: str |
         if (root / STORE_FILE).is_file():
             return f"sqlite:///{root / STORE_FILE}"
     return None
+
+
+# The MLflow experiment kind of every experiment this project creates (training, sweeps, evaluations,
+# reports): MLflow 3's UI opens an experiment on its GenAI pages (traces, "Detect Issues", an assistant panel)
+# unless `mlflow.experimentKind` says it holds model training. No MLflow import: callers pass their client.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+EXPERIMENT_TAGS = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+
+
+def mark_training_experiment(client, experiment_id: str) -> str:
+    """Tag the experiment (new or found, so stores made by older versions get it too); returns its id."""
+    client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return experiment_id

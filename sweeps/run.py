@@ -11,13 +11,7 @@ field of the sweep file (`n_trials=8`, `objective.metric=eval/cloze/acc`, `overr
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
-
-from illada_lightning.config import ConfigError
-from illada_lightning.sweeps import SweepError, load_sweep_spec, run_sweep, validate_sweep
-from illada_lightning.sweeps.multirun import format_result
-from illada_lightning.sweeps.runner import resolve_trial_fn
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,7 +21,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--validate", action="store_true", help="check the sweep and exit without running trials")
     parser.add_argument("--max-trials", type=int, default=None, help="run at most this many trials per worker now")
     args = parser.parse_intermixed_args(argv)  # flags may come after key=value overrides
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Imported after parsing, so `--help` and a bad flag are answered at once.
+    from illada_lightning.config import ConfigError
+    from illada_lightning.logs import configure_logging
+    from illada_lightning.sweeps import SweepError, load_sweep_spec, run_sweep, validate_sweep
+    from illada_lightning.sweeps.multirun import format_result
+    from illada_lightning.sweeps.runner import resolve_trial_fn
+
+    configure_logging()
     try:
         spec = load_sweep_spec(args.spec, args.overrides)
         if args.validate:

@@ -24,7 +24,8 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 
 from illada_lightning.config import load_config
-from illada_lightning.experiment import ExperimentConfig, run_experiment
+from illada_lightning.experiment.config import ExperimentConfig
+from illada_lightning.experiment.run import run_experiment
 from illada_lightning.training.callbacks import LossPlateauLRSwitch, NonFiniteLossError, NonFiniteLossGuard
 
 REPO = Path(__file__).resolve().parents[1]

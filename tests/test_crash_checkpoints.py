@@ -25,7 +25,7 @@ from illada_lightning.checkpoint import (
     step_checkpoints,
 )
 from illada_lightning.config import ConfigError
-from illada_lightning.experiment import run_experiment
+from illada_lightning.experiment.run import run_experiment
 from illada_lightning.training.callbacks import NonFiniteLossError
 from illada_lightning.training.experiment import RunDirectoryError
 from illada_lightning.training.tracking import check_tracking_uri

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from illada_lightning.checkpoint import step_checkpoints
-from illada_lightning.experiment import run_experiment
+from illada_lightning.experiment.run import run_experiment
 from tests.test_run_experiment import REPO, SMALL, small_config
 
 pytestmark = pytest.mark.slow

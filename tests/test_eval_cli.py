@@ -120,3 +120,41 @@ def test_format_table():
 def test_eval_config_round_trips_as_plain_data():
     cfg = EvalConfig(tasks=["gsm8k"], data={"gsm8k": "x"})
     assert asdict(cfg)["data"] == {"gsm8k": "x"}
+
+
+def test_budget_helpers_read_the_trained_context_and_scale_steps(tmp_path):
+    from illada_lightning.budget import fit_budget, trained_context
+
+    run = tmp_path / "run"
+    (run / "sft").mkdir(parents=True)
+    (run / "config.yaml").write_text("stage: all\npretrain:\n  data:\n    max_seq_len: 96\nsft:\n  data:\n"
+                                     "    max_seq_len: 128\n")
+    assert trained_context(run / "sft", 256) == 128  # the SFT window, not the preset's 256
+    assert trained_context(run / "pretrain" / "model.pt", 256) == 96
+    assert trained_context(run / "sft", 64) == 64  # never beyond the model's own context
+    assert trained_context(tmp_path / "elsewhere.pt", 256) == 256  # no run config: the model's context
+    assert fit_budget(256, 256, 64, block_length=32) == (64, 64)  # whole blocks, steps in proportion
+    assert fit_budget(100, 50, 64) == (64, 32)
+    assert fit_budget(32, 32, 64, block_length=32) == (32, 32)  # fits: unchanged
+
+
+def test_cli_shortens_a_generation_budget_the_checkpoint_cannot_hold(tmp_path, tiny, capsys):
+    """The README's evaluation of the default model: gen_length=256 in a model trained on 128-token windows
+    ended in a traceback ("leaves no room for a prompt"); now it is shortened with a note."""
+    from illada_lightning.training.checkpoint import export_model
+
+    model, tokenizer = tiny  # max_seq_len=128
+    run_dir = tmp_path / "runs" / "default"
+    ckpt = export_model(run_dir / "sft" / "model.pt", model.config, model.state_dict(), tokenizer.backend.to_str())
+    (run_dir / "config.yaml").write_text("stage: all\npretrain:\n  data:\n    max_seq_len: 128\nsft:\n  data:\n"
+                                         "    max_seq_len: 128\n")
+    assert main([f"ckpt={ckpt.parent}", "tasks=[synthetic]", "limit=2", "mlflow=false"]) == 0
+    captured = capsys.readouterr()
+    assert "note: gen_length 256 -> 64 (steps 256 -> 64)" in captured.err and "128-token" in captured.err
+    assert "synthetic" in captured.out and "Traceback" not in captured.err
+    settings = json.loads((run_dir / "sft" / "eval" / "eval_config.json").read_text())
+    assert (settings["gen_length"], settings["steps"], settings["block_length"]) == (64, 64, 32)
+    # a setting problem the budget cannot fix is one line, not a traceback
+    assert main([f"ckpt={ckpt.parent}", "tasks=[synthetic]", "limit=2", "mlflow=false", "variable_length=false",
+                 "gen_length=30", "block_length=32"]) == 2
+    assert "gen_length=30" in capsys.readouterr().err

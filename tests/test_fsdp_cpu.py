@@ -134,7 +134,7 @@ def test_per_epoch_evaluation_under_fsdp_equals_single_process_evaluation(fsdp_r
     from illada_lightning.checkpoint import load_checkpoint
     from illada_lightning.config import load_config
     from illada_lightning.evaluation import evaluate
-    from illada_lightning.experiment import ExperimentConfig
+    from illada_lightning.experiment.config import ExperimentConfig
 
     a, b = (r["record"]["sft"]["eval"] for r in ranks(fsdp_run / "out"))
     assert a == b and [epoch for epoch, _ in a] == [1]

@@ -64,7 +64,28 @@ def test_variable_length_budget_is_shortened_to_the_model_context(ckpt, capsys):
     cfg = load_config(GenerateConfig, None, [f"ckpt={ckpt}", "prompt=x", "sampler.max_new_tokens=300",
                                              "sampler.steps=300"])
     opts = sampler_options(model, n_prompt=56, cfg=cfg)
-    assert opts["max_new_tokens"] == 200 and opts["steps"] == 200  # 256 - 56, steps scaled alike
+    assert opts["max_new_tokens"] == 200 and opts["steps"] == 200  # 256 - 56, steps scaled alike (50 blocks of 4)
     assert "max_new_tokens 300 -> 200" in capsys.readouterr().err
     fixed = load_config(GenerateConfig, None, [f"ckpt={ckpt}", "prompt=x", "sampler.variable_length=false"])
     assert sampler_options(model, n_prompt=10, cfg=fixed)["gen_length"] == 128  # fixed length is never changed
+
+
+def test_default_budget_is_the_trained_window_less_the_prompt(ckpt, tmp_path, capsys):
+    """A checkpoint trained on 128-token windows (the default job's SFT) answers within them: the default
+    budget of 128 new tokens after a 21-token prompt ran to position 149, where the model has never been."""
+    import shutil
+
+    from experiments.generate import sampler_options
+    from illada_lightning.budget import trained_context
+
+    run = tmp_path / "run"
+    (run / "sft").mkdir(parents=True)
+    shutil.copy(ckpt, run / "sft" / "model.pt")
+    (run / "config.yaml").write_text("pretrain:\n  data:\n    max_seq_len: 128\nsft:\n  data:\n    max_seq_len: 128\n")
+    model, tok = load_checkpoint(run / "sft")
+    context = trained_context(run / "sft", model.config.max_seq_len)
+    cfg = load_config(GenerateConfig, None, [f"ckpt={run / 'sft'}", "prompt=hello"])
+    opts = sampler_options(model, 21, cfg, context)
+    assert context == 128 and opts["max_new_tokens"] == 107 and opts["steps"] == 108  # 27 blocks of <= 4
+    assert "trained on 128-token sequences" in capsys.readouterr().err
+    assert main([f"ckpt={run / 'sft'}", "prompt=hello"]) == 0  # runs with those defaults

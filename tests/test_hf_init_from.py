@@ -21,7 +21,8 @@ from illada_lightning.data.config import SFTDataConfig
 from illada_lightning.data.datamodule import SFTDataModule
 from illada_lightning.data.sft import example_stream_documents, load_sft_examples, response_only_rows
 from illada_lightning.evaluation.cli import main as evaluate_main
-from illada_lightning.experiment import ExperimentConfig, run_experiment
+from illada_lightning.experiment.config import ExperimentConfig
+from illada_lightning.experiment.run import run_experiment
 from tests.test_eval_tasks import ARC_LETTERS, ARC_NUMERIC, write_jsonl
 from tests.test_hf_checkpoint import write_llada_like
 from tests.test_run_experiment import DEFAULT_YAML

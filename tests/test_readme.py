@@ -1,8 +1,16 @@
-"""The README's commands and Python example keep working (the two set-up commands are what CI runs)."""
+"""The README's commands and Python example keep working (the two set-up commands are what CI runs, and every
+shell command of the README runs in order on a fresh copy of the repository)."""
 
+import os
 import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from illada_lightning import build_model
@@ -34,3 +42,77 @@ def test_readme_python_example_runs(tmp_path):
     exec(setup.replace("; ", "\n") + code.replace('"runs/default"', repr(str(ckpt))), namespace)  # noqa: S102
     assert namespace["scores"].shape == (2,)
     assert namespace["logits"].shape[:2] == (2, 64)
+
+
+# ----------------------------------------------------------------------------- every shell command, in order
+
+# Appended to a command in this test only, to keep the suite short: documented keys that shrink steps and
+# items, never ones that change what the command does. The README's commands as written (with their wall
+# times) are what the lead checks on a fresh clone; this test keeps them from rotting.
+SHORTER = [
+    ("python -m experiments.run --multirun", ["pretrain.max_steps=4", "pretrain.val_every_n_steps=0",
+                                              "pretrain.limit_val_batches=1"]),
+    ("python -m experiments.run", ["pretrain.max_steps=6", "sft.max_steps=4", "pretrain.val_every_n_steps=0",
+                                   "sft.val_every_n_steps=0", "pretrain.limit_val_batches=1",
+                                   "sft.limit_val_batches=1", "preview.num_prompts=1"]),
+    ("python -m experiments.evaluate", ["limit=8", "mc_samples=4"]),
+    ("python -m sweeps.run sweeps/scoring_rule.yaml",  # its benchmark tasks need files the project does not ship
+     ["checkpoint=runs/default",
+      'evaluation.overrides=["tasks=[cloze]","data.cloze=data/corpus/valid.txt","limit=8","mc_samples=4"]']),
+]
+NOT_HERE = {"pip install": "the install + test command is what CI runs (the test above checks it)"}
+NEEDS_GPU = "# on a GPU"
+NEEDS_FILES = "# needs the benchmark files"
+
+
+def readme_commands(text: str) -> list[tuple[str, str]]:
+    """(command, trailing comment) for every line of every ```bash block, `\\` continuations joined."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            command, _, comment = line.partition("  # ")
+            if command.strip():
+                commands.append((command.strip(), comment.strip()))
+    return commands
+
+
+def shorter(command: str) -> list[str]:
+    return next((extra for prefix, extra in SHORTER if command.startswith(prefix)), [])
+
+
+def fresh_copy(dest: Path) -> Path:
+    """The repository's files as a fresh clone has them (no runs, caches or git)."""
+    root = README.parent
+    shutil.copytree(root, dest, ignore=shutil.ignore_patterns(".git", "runs", ".cache", "__pycache__", "*.egg-info",
+                                                               ".pytest_cache", "mlruns", "lightning_logs"))
+    return dest
+
+
+@pytest.mark.slow
+def test_every_readme_command_runs_in_order_on_a_fresh_copy(tmp_path):
+    repo = fresh_copy(tmp_path / "repo")
+    env = {**os.environ, "PYTHONPATH": str(repo), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "MLFLOW_TRACKING_URI": ""}
+    env.pop("MLFLOW_TRACKING_URI")
+    ran, timings = [], []
+    for command, comment in readme_commands(README.read_text()):
+        if any(command.startswith(p) for p in NOT_HERE):
+            continue
+        if NEEDS_GPU in f"  # {comment}" and not torch.cuda.is_available():
+            continue
+        full = " ".join([command, *map(shlex.quote, shorter(command))])
+        start = time.perf_counter()
+        out = subprocess.run(["bash", "-c", full], cwd=repo, env=env, capture_output=True, text=True, input="",
+                             timeout=1800)
+        timings.append((time.perf_counter() - start, command))
+        if NEEDS_FILES in f"  # {comment}":  # refused with one line naming the missing file, no traceback
+            assert out.returncode == 2 and "error:" in out.stderr and "Traceback" not in out.stderr, out.stderr
+            assert "hellaswag" in out.stderr.lower()
+            continue
+        assert out.returncode == 0, f"README command failed: {full}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+        assert "Traceback" not in out.stderr, out.stderr
+        ran.append(command)
+    assert any(c == "python -m experiments.run" for c in ran)  # the main job itself, not only its variants
+    assert (repo / "runs" / "default" / "sft" / "model.pt").is_file()
+    assert any(c.startswith("python -m reports.make") for c in ran)
+    print("\n".join(f"{s:6.1f} s  {c}" for s, c in timings))

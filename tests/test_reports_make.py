@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -39,6 +40,16 @@ def _parent(client, exp, sweep, space, objective):
                                                 "sweep.sampler": "grid"}, status="RUNNING")
 
 
+def with_stderr(metrics, n=500):
+    """What `experiments.evaluate` logs beside each accuracy: the binomial standard error and n."""
+    out = dict(metrics)
+    for key, p in metrics.items():
+        task = key.split("/")[1]
+        out[f"{key}_stderr"] = (p * (1 - p) / (n - 1)) ** 0.5
+        out[f"eval/{task}/n"] = n
+    return out
+
+
 def _trial(client, exp, parent, number, params, metrics, status="FINISHED", error=None):
     tags = {"mlflow.parentRunId": parent, "sweep.role": "trial", "sweep.name": "x", "sweep.trial_number": str(number),
             **{f"sweep.param.{k}": str(v) for k, v in params.items()}}
@@ -66,13 +77,14 @@ def store(tmp_path_factory):
     ids["scoring"] = parent = _parent(client, exp, "scoring", ["eval.scoring_rule", "seed"], "eval/piqa/acc")
     for number, ((rule, seed), accs) in enumerate(SCORING.items()):
         _trial(client, exp, parent, number, {"eval.scoring_rule": rule, "seed": seed, "model.n_layers": 2},
-               {f"eval/{task}/{'acc_norm' if task == 'hellaswag' else 'acc'}": v for task, v in accs.items()})
+               with_stderr({f"eval/{task}/{'acc_norm' if task == 'hellaswag' else 'acc'}": v
+                            for task, v in accs.items()}))
     _trial(client, exp, parent, 4, {"eval.scoring_rule": "broken", "seed": 0}, {}, status="FAILED",
            error="RuntimeError: out of memory\ntraceback ...")
     # SFT-epoch sweep with a training run (loss curve + plateau switch as a metric) under its base run.
     ids["epochs"] = eparent = _parent(client, exp, "epochs", ["sft.epochs"], "eval/gsm8k/exact_match")
     for number, (epochs, em) in enumerate([(1, 0.10), (2, 0.25), (4, 0.40)]):
-        _trial(client, exp, eparent, number, {"sft.epochs": epochs}, {"eval/gsm8k/exact_match": em})
+        _trial(client, exp, eparent, number, {"sft.epochs": epochs}, with_stderr({"eval/gsm8k/exact_match": em}, 200))
     base = _run(client, exp, "epochs-base", {"mlflow.parentRunId": eparent, "sweep.role": "base"},
                 {"optim.lr": "0.0002"}, {"lr_switch_step": 6.0})
     _history(client, base, "train/loss", [(s, 5.0 - 0.3 * s) for s in range(10)])
@@ -80,6 +92,8 @@ def store(tmp_path_factory):
     plain = _run(client, exp, "plain-sft", {"plateau_switch_step": "4"}, {"sft.epochs": "3"})
     _history(client, plain, "train/loss", [(s, 4.0 - 0.1 * s) for s in range(8)])
     _history(client, plain, "eval/toy/acc", [(1, 0.30), (2, 0.45), (3, 0.50)])
+    _history(client, plain, "eval/toy/acc_stderr", [(1, 0.046), (2, 0.05), (3, 0.05)])
+    _history(client, plain, "eval/toy/n", [(1, 100), (2, 100), (3, 100)])
     return uri, client, ids
 
 
@@ -96,12 +110,16 @@ def test_sweep_report_has_paper_layout_values_plots_and_citations(store, tmp_pat
     assert "Scoring rule × task (layout of iLLaDA Table 4)" in md
     assert "| eval.scoring_rule | arc_challenge (acc) | hellaswag (acc_norm) | piqa (acc) | runs |" in md
     # mean ± s.e. over the two seeds, in %: likelihood first (the order the trials ran in)
-    assert "| likelihood | 60.1 ± 0.1 | 74.2 ± 0.1 | 77.2 ± 0.0 | 2 |" in md
-    assert "| confidence | 60.8 ± 0.0 | 76.8 ± 0.2 | 78.5 ± 0.5 | 2 |" in md
+    # mean over the two seeds ± the larger of their spread and the pooled binomial error (n=500 each), in %;
+    # likelihood first (the order the trials ran in)
+    assert "| likelihood | 60.1 ± 1.6 (n=500, 2 runs) | 74.2 ± 1.4 (n=500, 2 runs) | 77.2 ± 1.3 (n=500, 2 runs) | 2 |" in md
+    assert "| confidence | 60.8 ± 1.5 (n=500, 2 runs) | 76.8 ± 1.3 (n=500, 2 runs) | 78.5 ± 1.3 (n=500, 2 runs) | 2 |" in md
     assert md.index("| likelihood |") < md.index("| confidence |")
-    assert "Mean ± standard error over seed" in md
+    assert "± standard error" in md and "over seed" in md
     assert "| 4 | eval.scoring_rule=broken, seed=0 | RuntimeError: out of memory |" in md
-    assert "Best trial: #2 (eval.scoring_rule=confidence, seed=0): eval/piqa/acc = 0.7900" in md
+    # 78.5 vs 77.2 on PIQA: 1.3 points with a standard error of the difference of 1.8 -> no winner is named
+    assert "No best setting: tie within noise." in md and "Best setting:" not in md
+    assert "eval.scoring_rule=confidence (78.5 ± 1.3 %, n=500, 2 runs)" in md
     # every cited run with its commit and its params
     assert md.count(f"`{COMMIT[:12]}`") == 6  # parent + 4 trials + the failed one
     assert "model.n_layers = 2" in md and f"commit <code>{COMMIT}</code>" in md
@@ -119,9 +137,12 @@ def test_epoch_sweep_report_plots_the_curve_and_marks_the_plateau_switch(store, 
     report = build_report(uri, sweep="epochs", out_root=tmp_path, log_artifact=False)
     md = report.path.read_text()
     assert "SFT epochs × task (the numbers behind iLLaDA Fig. 1)" in md
-    for row in ("| 1 | 10.0 | 1 |", "| 2 | 25.0 | 1 |", "| 4 | 40.0 | 1 |"):
+    for row in ("| 1 | 10.0 ± 2.1 (n=200) | 1 |", "| 2 | 25.0 ± 3.1 (n=200) | 1 |", "| 4 | 40.0 ± 3.5 (n=200) | 1 |"):
         assert row in md
     assert md.index("| 1 | 10.0") < md.index("| 2 | 25.0") < md.index("| 4 | 40.0")
+    # 40.0 vs 25.0: 15 points, far beyond twice the standard error of the difference (9.3): named, in %
+    assert ("Best setting: sft.epochs=4, `eval/gsm8k/exact_match` = 40.0 ± 3.5 %, n=200; ahead of the next "
+            "(sft.epochs=2: 25.0 ± 3.1 %, n=200) by 15.0 points") in md
     assert "plateau LR switch at step 6" in md
     for name in ("sft_epochs.png", "training_loss.png"):
         png = (tmp_path / "epochs" / name).read_bytes()
@@ -136,6 +157,7 @@ def test_experiment_report_reads_per_epoch_histories_and_switch_tags(store, tmp_
     assert md.count("## Sweep `") == 2
     assert "`plain-sft`" in md and "plateau LR switch at step 4" in md
     assert (tmp_path / "abl" / "sft_epochs.png").exists()
+    assert "| plain-sft | 2 | 45.0 ± 5.0 (n=100) |" in md  # per-epoch cells carry their stderr and n
 
 
 def test_cli_and_bad_names(store, tmp_path, capsys):
@@ -146,3 +168,54 @@ def test_cli_and_bad_names(store, tmp_path, capsys):
     assert "no sweep named 'nope'" in capsys.readouterr().err
     with pytest.raises(ReportError, match="experiment 'missing' not found"):
         build_report(uri, experiment="missing", out_root=tmp_path)
+
+
+def test_reports_go_under_the_runs_directory_and_never_into_the_training_experiment(tmp_path, monkeypatch):
+    from illada_lightning.runs import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
+    from illada_lightning.reporting.report import REPORTS_EXPERIMENT, default_out_root
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    uri = f"sqlite:///{runs / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("train", artifact_location=(runs / "artifacts").as_uri())
+    for name in ("job-a", "job-b"):  # two unrelated training jobs: no single root to attach the report to
+        _run(client, exp, name, metrics=with_stderr({"eval/cloze/acc": 0.5}))
+    monkeypatch.chdir(tmp_path)
+    assert make_main(["--experiment", "train", "--tracking-uri", uri]) == 0
+    assert (runs / "reports" / "train" / "report.md").is_file()  # not reports/ of the repository
+    assert default_out_root("postgresql://host/db") == Path("runs") / "reports"
+    assert sorted(r.info.run_name for r in client.search_runs([exp])) == ["job-a", "job-b"]
+    holder = client.get_experiment_by_name(REPORTS_EXPERIMENT)
+    assert holder.tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+    assert [r.info.run_name for r in client.search_runs([holder.experiment_id])] == ["report-train"]
+    assert make_main(["--experiment", "train", "--tracking-uri", uri]) == 0  # regenerating reuses that run
+    assert len(client.search_runs([holder.experiment_id])) == 1
+
+
+def test_loss_plot_names_a_switch_only_when_one_happened_and_keeps_identical_curves_apart(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from illada_lightning.reporting import plots
+
+    titles, lines = [], []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: (titles.append(fig.axes[0].get_title()),
+                                                           lines.append(fig.axes[0].get_lines()), plt.close(fig)))
+    same = [(s, 5.0 - 0.1 * s) for s in range(20)]
+    plots.plot_training_loss({"a": same, "b": list(same)}, {}, tmp_path / "x.png")
+    plots.plot_training_loss({"a": same}, {"a": 7}, tmp_path / "y.png")
+    assert titles[0] == "Training loss" and "switch" in titles[1]
+    a, b = lines[0][:2]
+    assert (a.get_linestyle(), a.get_marker()) != (b.get_linestyle(), b.get_marker())
+
+
+def test_sft_epoch_plot_draws_error_bars(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from illada_lightning.reporting import plots
+
+    seen = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: (seen.append(fig.axes[0].containers), plt.close(fig)))
+    plots.plot_epoch_curve({"toy (acc)": [(1, 30.0, 4.6), (2, 45.0, 5.0)]}, tmp_path / "e.png")
+    (container,) = seen[0]
+    assert container.has_yerr

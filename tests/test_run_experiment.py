@@ -18,7 +18,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from illada_lightning.config import load_config
-from illada_lightning.experiment import ExperimentConfig, run_experiment
+from illada_lightning.experiment.config import ExperimentConfig
+from illada_lightning.experiment.run import run_experiment
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_YAML = REPO / "experiments" / "configs" / "default.yaml"

@@ -74,7 +74,7 @@ def test_real_train_sweep_then_eval_only_sweep_then_report(tmp_path):
     report = build_report(uri, sweep="tiny_scoring", out_root=tmp_path / "reports")
     md = report.path.read_text()
     for rule, acc in accs.items():
-        assert f"| {rule} | {acc * 100:.1f} |" in md
+        assert f"| {rule} | {acc * 100:.1f} ± " in md  # every accuracy with its standard error and n
     assert report.logged_to == [scored.parent_run_id]
 
 

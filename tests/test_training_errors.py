@@ -11,7 +11,8 @@ import torch
 from experiments.run import main as cli_main
 from illada_lightning.checkpoint import CheckpointError, export_model
 from illada_lightning.config import ConfigError, load_config
-from illada_lightning.experiment import ExperimentConfig, run_experiment
+from illada_lightning.experiment.config import ExperimentConfig
+from illada_lightning.experiment.run import run_experiment
 from illada_lightning.training.experiment import RunDirectoryError
 from illada_lightning.training.strategy import StrategyError, check_strategy
 from tests.test_run_experiment import DEFAULT_YAML, small_config

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import illada_lightning.training.stage as stage_runner
-from illada_lightning.experiment import run_experiment
+from illada_lightning.experiment.run import run_experiment
 from illada_lightning.model.config import ModelConfig
 from illada_lightning.training.callbacks import NonFiniteLossError
 from illada_lightning.training.module import PretrainModule, SFTModule, weight_decay_groups

@@ -26,9 +26,12 @@ import logging
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import datasets
 import numpy as np
+
+if TYPE_CHECKING:
+    import datasets
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +41,13 @@ EXTENSIONS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "jsonl",
 WIKITEXT_TITLE = re.compile(r"^ = [^=].* = $")
 CACHE_VERSION = "1"  # bump when the tokenised format changes
 
-datasets.disable_progress_bars()
+
+def _datasets():
+    """The `datasets` package, imported on first use (seconds): configs and file checks do not need it."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    return datasets
 
 
 class DataFileError(ValueError):
@@ -159,7 +168,7 @@ def read_jsonl_texts(path: str | Path, text_field: str = "text") -> list[str]:
 def read_parquet_texts(path: str | Path, text_field: str = "text") -> list[str]:
     p = check_data_file(path)
     try:
-        ds = datasets.Dataset.from_parquet(str(p), keep_in_memory=True)
+        ds = _datasets().Dataset.from_parquet(str(p), keep_in_memory=True)
     except Exception as exc:  # pyarrow raises several types for a broken file
         raise DataFileError(f"{p}: cannot read as parquet ({exc})") from None
     if text_field not in ds.column_names:
@@ -191,12 +200,12 @@ def read_documents(
             texts += read_parquet_texts(path, text_field)
         else:
             raise DataFileError(f"unknown data format {kind!r} for {path}")
-    return datasets.Dataset.from_dict({"text": texts})
+    return _datasets().Dataset.from_dict({"text": texts})
 
 
 def read_hub_documents(hub_name: str, split: str, text_field: str = "text") -> datasets.Dataset:
     """Documents of a `datasets` hub data set (needs the network unless already cached)."""
-    ds = datasets.load_dataset(hub_name, split=split)
+    ds = _datasets().load_dataset(hub_name, split=split)
     if text_field not in ds.column_names:
         raise DataFileError(f"hub data set {hub_name} ({split}): no column {text_field!r} (columns: {ds.column_names})")
     ds = ds.select_columns([text_field]).rename_column(text_field, "text") if text_field != "text" else ds
@@ -258,7 +267,7 @@ def load_tokenized_documents(
     cache_file = Path(cache_dir) / f"tokens-{key}.arrow" if cache_dir is not None else None
     if cache_file is not None and cache_file.is_file():
         log.info("tokenised corpus from cache %s", cache_file)
-        tokens = datasets.Dataset.from_file(str(cache_file))
+        tokens = _datasets().Dataset.from_file(str(cache_file))
     else:
         if ds is None:
             ds = read_documents(files, fmt, text_field, text_unit)

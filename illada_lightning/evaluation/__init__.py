@@ -6,7 +6,15 @@ the per-epoch callback.
 """
 
 from .config import EvalConfig
-from .runner import evaluate
 from .tasks import Task, get_task, register_task, registered_tasks
+
+
+def __getattr__(name: str):  # the runner imports torch: load it on first use (configs parse without torch)
+    if name == "evaluate":
+        from .runner import evaluate
+
+        return evaluate
+    raise AttributeError(f"module 'illada_lightning.evaluation' has no attribute {name!r}")
+
 
 __all__ = ["EvalConfig", "Task", "evaluate", "get_task", "register_task", "registered_tasks"]

@@ -12,18 +12,26 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-import torch
-
 from illada_lightning.config import ConfigError, load_config
 
+from ..budget import budget_note, fit_budget, trained_context
+from ..logs import configure_logging
 from ..provenance import git_commit
-from ..runs import CHECKPOINT_TAG, CONFIG_FILE, PARENT_TAG, RUNS_FILE, eval_metric, store_of_run_dir
+from ..runs import (
+    CHECKPOINT_TAG,
+    CONFIG_FILE,
+    PARENT_TAG,
+    RUNS_FILE,
+    eval_metric,
+    mark_training_experiment,
+    store_of_run_dir,
+)
 from .config import EvalConfig
-from .runner import evaluate
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +70,9 @@ def output_dir(cfg: EvaluateConfig) -> Path:
     return (ckpt if ckpt.is_dir() else ckpt.parent) / "eval"
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str):
+    import torch
+
     return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
 
 
@@ -145,7 +155,8 @@ def log_to_mlflow(results: dict, cfg: EvaluateConfig, out: Path) -> str:
             log.warning("training run %s not found in %s; the evaluation run is linked by tag only", training_run, uri)
         tags["illada.training_run_id"] = training_run
     if experiment_id is None:
-        experiment_id = mlflow.set_experiment(cfg.experiment_name).experiment_id
+        experiment = mlflow.set_experiment(cfg.experiment_name)
+        experiment_id = mark_training_experiment(MlflowClient(), experiment.experiment_id)
     metrics = {eval_metric(task, name): float(v) for task, values in results.items() for name, v in values.items()}
     params = {k: str(v)[:6000] for k, v in flatten(asdict(cfg)).items()}
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"eval-{Path(cfg.ckpt).name}", tags=tags) as run:
@@ -155,16 +166,44 @@ def log_to_mlflow(results: dict, cfg: EvaluateConfig, out: Path) -> str:
         return run.info.run_id
 
 
-def run_evaluation(cfg: EvaluateConfig) -> dict[str, dict[str, float]]:
-    from illada_lightning.checkpoint import load_checkpoint
+def fit_generation_budget(cfg: EvaluateConfig, context: int) -> None:
+    """An answer gets at most half the context the checkpoint was trained on (the prompt keeps the rest, cut
+    from the left if longer): a budget beyond it is shortened, steps in proportion, with a note on stderr."""
+    room = context // 2
+    sampler = cfg.sampler
+    if sampler.budget <= room:
+        return
+    if sampler.variable_length:
+        new = fit_budget(sampler.budget, sampler.steps, room)
+        old, (sampler.max_new_tokens, sampler.steps) = (sampler.budget, sampler.steps), new
+        what = "sampler.max_new_tokens"
+    else:
+        sampler.block_length = min(sampler.resolved_block_length, room)
+        new = fit_budget(sampler.gen_length, sampler.steps, room, sampler.block_length)
+        old, (sampler.gen_length, sampler.steps) = (sampler.gen_length, sampler.steps), new
+        what = "sampler.gen_length"
+    print(budget_note(what, old, new, context, f"; an answer gets at most half of them ({what}=N with "
+                      f"N <= {room} picks another)"), file=sys.stderr)
 
-    from .tasks import get_task
+
+
+
+def run_evaluation(cfg: EvaluateConfig) -> dict[str, dict[str, float]]:
+    from .tasks import MULTIPLE_CHOICE, get_task
 
     for name in cfg.tasks:  # a missing data file fails before the model loads
         get_task(name).data_path(cfg)
+    if not Path(cfg.ckpt).exists():  # and a missing checkpoint before torch is imported
+        raise ValueError(f"checkpoint path does not exist: {cfg.ckpt} (give a run directory or a checkpoint file)")
+    from illada_lightning.checkpoint import load_checkpoint
+
+    from .runner import evaluate
+
     model, tokenizer = load_checkpoint(cfg.ckpt, device=resolve_device(cfg.device))
     if tokenizer is None:
         raise ValueError(f"{cfg.ckpt}: no tokenizer was saved with this checkpoint")
+    if any(get_task(name).kind != MULTIPLE_CHOICE for name in cfg.tasks):
+        fit_generation_budget(cfg, trained_context(cfg.ckpt, model.config.max_seq_len))
     out = output_dir(cfg)
     results = evaluate(model, tokenizer, cfg.tasks, cfg, out_dir=out, model_id=str(Path(cfg.ckpt).resolve()))
     path = write_results(results, cfg, out)
@@ -185,15 +224,16 @@ def main(argv: list[str] | None = None) -> int:
         print("registered tasks: " + ", ".join(registered_tasks()))
         print("keys: " + ", ".join(f.name for f in fields(EvaluateConfig)))
         return 0
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from illada_lightning.checkpoint import CheckpointError
-
+    configure_logging()
     from .records import EvalDataError
 
     try:
-        cfg = parse_args(argv)
+        cfg = parse_args(argv)  # before torch is imported: a typo is answered at once
         run_evaluation(cfg)
-    except (ConfigError, EvalDataError, CheckpointError) as exc:
+    # ValueError covers CheckpointError and the settings checks of the runner and sampler.
+    except (ConfigError, EvalDataError, ValueError, FileNotFoundError) as exc:
+        if os.environ.get("ILLADA_TRACEBACK"):  # debugging: the full traceback instead of one line
+            raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

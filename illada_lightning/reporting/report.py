@@ -14,7 +14,7 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
-from ..runs import STAGE_TAG, SWEEP_ERROR_TAG, SWEEP_PARAM_PREFIX, TRAIN_LOSS
+from ..runs import EXPERIMENT_TAGS, STAGE_TAG, SWEEP_ERROR_TAG, SWEEP_PARAM_PREFIX, TRAIN_LOSS
 from .collect import (
     REPORT_TAG,
     ReportError,
@@ -28,14 +28,19 @@ from .collect import sweep_scope as _sweep_scope
 from .plots import plot_epoch_curve, plot_training_loss
 from .tables import (
     EVAL_KEY,
-    PERCENT_METRICS,
+    NOTE,
+    Estimate,
     Table,
     ablation_table,
+    clearly_ahead,
+    estimate,
     is_seed_key,
     markdown_table,
-    mean_se,
+    n_key,
     parse_value,
     primary_metrics,
+    setting_estimates,
+    stderr_key,
 )
 
 LOSS_KEYS = (TRAIN_LOSS, "train/loss_step", "train_loss")
@@ -108,11 +113,7 @@ def sweep_section(parent: RunRecord, tree: list[RunRecord], cited: dict[str, Run
         lines += [f"### {table.title}", "", markdown_table(table), "", table.note, ""]
         for t in finished:
             cited[t.run_id] = t
-        best = _best_trial(finished, objective, parent.tags.get("sweep.direction"))
-        if best is not None:
-            settings = ", ".join(f"{k}={best.params.get(k)}" for k in keys)
-            lines += [f"Best trial: #{best.trial_number} ({settings}): {objective} = {best.metrics[objective]:.4f} "
-                      f"(run `{best.run_id}`).", ""]
+        lines += [best_setting_line(finished, keys, objective, parent.tags.get("sweep.direction")), ""]
         epoch_series = _epoch_series_from_trials(finished, keys, objective)
     failed = [t for t in trials if t.status == "FAILED"]
     if failed:
@@ -126,12 +127,26 @@ def sweep_section(parent: RunRecord, tree: list[RunRecord], cited: dict[str, Run
     return lines, epoch_series
 
 
-def _best_trial(trials: list[RunRecord], objective: str | None, direction: str | None) -> RunRecord | None:
-    scored = [t for t in trials if objective and objective in t.metrics]
+def best_setting_line(trials: list[RunRecord], keys: list[str], objective: str | None, direction: str | None) -> str:
+    """"Best setting: ..." only when it leads the runner-up by more than the noise; else "tie within noise"."""
+    metric = EVAL_KEY.match(objective or "")
+    scored = setting_estimates(trials, keys, objective, metric.group(2) if metric else "") if objective else []
     if not scored:
-        return None
-    pick = max if direction == "maximize" else min
-    return pick(scored, key=lambda t: (t.metrics[objective], -(t.trial_number or 0)))
+        return f"Best setting: none to name (no finished trial logged `{objective}`)."
+    ranked = sorted(scored, key=lambda s: s[1].mean, reverse=direction == "maximize")
+    best, top = ranked[0]
+    if len(ranked) == 1:
+        return f"Only one setting ({best}): `{objective}` = {top.text(unit=True)}."
+    second, runner = ranked[1]
+    ahead = clearly_ahead(top, runner)
+    if ahead:
+        return (f"Best setting: {best}, `{objective}` = {top.text(unit=True)}; ahead of the next ({second}: "
+                f"{runner.text(unit=True)}) by {top.points(runner)}, more than twice the standard error of the "
+                f"difference.")
+    why = "no standard error was logged, so the noise is unknown" if ahead is None else \
+        "less than twice the standard error of the difference"
+    return (f"No best setting: tie within noise. The top two on `{objective}`, {best} ({top.text(unit=True)}) and "
+            f"{second} ({runner.text(unit=True)}), differ by {top.points(runner)}: {why}.")
 
 
 def _epoch_series_from_trials(trials: list[RunRecord], keys: list[str], objective: str | None) -> dict:
@@ -141,48 +156,55 @@ def _epoch_series_from_trials(trials: list[RunRecord], keys: list[str], objectiv
         return {}
     ek = epoch_keys[0]
     others = [k for k in keys if k != ek and not is_seed_key(k)]
-    series: dict[str, dict[float, list[float]]] = {}
+    series: dict[str, dict[float, list[RunRecord]]] = {}
+    cells: dict[str, tuple[str, str]] = {}
     for task, metric in primary_metrics(trials, objective):
         for t in trials:
             key = f"eval/{task}/{metric}"
             if key not in t.metrics:
                 continue
             label = f"{task} ({metric})" + "".join(f", {o}={t.params.get(o)}" for o in others)
-            series.setdefault(label, {}).setdefault(float(parse_value(t.params[ek])), []).append(t.metrics[key])
-    return {label: [(e, *_percent(v)) for e, v in sorted(pts.items())] for label, pts in series.items()}
-
-
-def _percent(values: list[float]) -> tuple[float, float | None]:
-    mean, se, _ = mean_se(values)
-    return mean * 100, (se * 100 if se is not None else None)
+            series.setdefault(label, {}).setdefault(float(parse_value(t.params[ek])), []).append(t)
+            cells[label] = (key, metric)
+    out = {}
+    for label, points in series.items():
+        key, metric = cells[label]
+        ests = [(e, estimate(metric, key, runs)) for e, runs in sorted(points.items())]
+        out[label] = [(e, c.mean * c.scale, c.se * c.scale if c.se is not None else None) for e, c in ests]
+    return out
 
 
 def epoch_series_from_histories(client: MlflowClient, runs: list[RunRecord], cited: dict) -> tuple[dict, Table | None]:
-    """Per-epoch callback curves: eval/<task>/<metric> logged with step = epoch in one run (>= 2 points)."""
+    """Per-epoch callback curves: eval/<task>/<metric> logged with step = epoch in one run (>= 2 points), with
+    the standard error and n logged beside them at the same steps."""
     series: dict = {}
     rows: dict[tuple[str, int], dict[str, str]] = {}
     columns: list[str] = []
     for run in runs:
         for task, metric in primary_metrics([run]):
-            history = metric_history(client, run.run_id, f"eval/{task}/{metric}")
+            key = f"eval/{task}/{metric}"
+            history = metric_history(client, run.run_id, key)
             if len(history) < 2:
                 continue
-            scale = 100.0 if metric in PERCENT_METRICS else 1.0
+            errors = dict(metric_history(client, run.run_id, stderr_key(key)))
+            ns = dict(metric_history(client, run.run_id, n_key(key)))
             label = f"{task} ({metric}), {run.name or run.run_id[:8]}"
-            series[label] = [(float(step), value * scale, None) for step, value in history]
+            points = [(step, Estimate(metric, value, errors.get(step), [int(ns[step])] if step in ns else [], 1))
+                      for step, value in history]
+            series[label] = [(float(step), e.mean * e.scale, e.se * e.scale if e.se is not None else None)
+                             for step, e in points]
             column = f"{task} ({metric})"
             if column not in columns:
                 columns.append(column)
-            for step, value in history:
-                rows.setdefault((run.name or run.run_id, step), {})[column] = f"{value * scale:.1f}" if scale > 1 \
-                    else f"{value:.4f}"
+            for step, e in points:
+                rows.setdefault((run.name or run.run_id, step), {})[column] = e.text()
             cited[run.run_id] = run
     if not series:
         return {}, None
     columns.sort()
     table = Table("SFT epochs × task, from the per-epoch evaluation callback", ["run", "epoch", *columns],
                   [[name, str(step), *(cells.get(c, "–") for c in columns)] for (name, step), cells in sorted(rows.items())],
-                  "Accuracy-like metrics in %.")
+                  NOTE)
     return series, table
 
 
@@ -223,12 +245,11 @@ def eval_runs_section(runs: list[RunRecord], cited: dict) -> list[str]:
     for r in evals:
         cells = []
         for task, metric in columns:
-            key = f"eval/{task}/{metric}"
-            cells.append("–" if key not in r.metrics else
-                         f"{r.metrics[key] * 100:.1f}" if metric in PERCENT_METRICS else f"{r.metrics[key]:.4f}")
+            cell = estimate(metric, f"eval/{task}/{metric}", [r])
+            cells.append("–" if cell is None else cell.text())
         rows.append([f"{r.name} (`{r.run_id[:8]}`)", *cells])
         cited[r.run_id] = r
-    return ["## Evaluation runs", "", markdown_table(Table("", header, rows)), "", "Accuracy-like metrics in %.", ""]
+    return ["## Evaluation runs", "", markdown_table(Table("", header, rows)), "", NOTE, ""]
 
 
 def cited_section(cited: dict[str, RunRecord]) -> list[str]:
@@ -245,16 +266,25 @@ def cited_section(cited: dict[str, RunRecord]) -> list[str]:
     return lines
 
 
+def default_out_root(tracking_uri: str | None) -> Path:
+    """`<runs directory>/reports`: beside a local SQLite store (`sqlite:///runs/mlflow.db` -> `runs/reports`),
+    else `runs/reports`; generated reports never land in the tracked `reports/` folder."""
+    if tracking_uri and tracking_uri.startswith("sqlite:///"):
+        return Path(tracking_uri[len("sqlite:///"):]).parent / "reports"
+    return Path("runs") / "reports"
+
+
 # Entry point ---------------------------------------------------------------------------------------------------
 def build_report(
     tracking_uri: str | None = None,
     *,
     experiment: str | None = None,
     sweep: str | None = None,
-    out_root: str | Path = "reports",
+    out_root: str | Path | None = None,
     log_artifact: bool = True,
 ) -> Report:
-    """Write `<out_root>/<name>/report.md` (+ PNGs) for one sweep or one MLflow experiment."""
+    """Write `<out_root>/<name>/report.md` (+ PNGs) for one sweep or one MLflow experiment (`out_root` default:
+    `reports/` beside the store's runs, see `default_out_root`)."""
     if (experiment is None) == (sweep is None):
         raise ReportError("give exactly one of experiment=NAME or sweep=NAME")
     client = MlflowClient(tracking_uri)
@@ -267,7 +297,7 @@ def build_report(
         name, kind = experiment, "experiment"
     if not scope:
         raise ReportError(f"{kind} {name!r} has no runs")
-    out_dir = Path(out_root) / safe_name(name)
+    out_dir = Path(out_root or default_out_root(tracking_uri)) / safe_name(name)
     out_dir.mkdir(parents=True, exist_ok=True)
     cited: dict[str, RunRecord] = {}
     plots: list[Path] = []
@@ -302,19 +332,24 @@ def build_report(
     return report
 
 
+REPORTS_EXPERIMENT = "reports"
+
+
 def log_report(client: MlflowClient, report: Report, parents: list[RunRecord], scope: list[RunRecord]) -> list[str]:
-    """Attach the report directory to the parent run(s) (`report/` artifact path)."""
+    """Attach the report directory (`report/` artifact path) to the sweep's parent run(s); an experiment report
+    goes to a run of its own in the separate `reports` experiment, so a training experiment keeps only training
+    runs (and the report is never part of a scope)."""
     targets = [p.run_id for p in parents]
     if not targets:
-        roots = [r for r in scope if not r.parent_id]
-        if len(roots) == 1:
-            targets = [roots[0].run_id]
-        else:  # several unrelated runs: one run that holds the report (excluded from every scope)
-            existing = client.search_runs([scope[0].experiment_id], filter_string=f"tags.`{REPORT_TAG}` = 'report'")
-            run_id = existing[0].info.run_id if existing else client.create_run(
-                scope[0].experiment_id, run_name=f"report-{report.name}", tags={REPORT_TAG: "report"}).info.run_id
-            client.set_terminated(run_id, "FINISHED")
-            targets = [run_id]
+        experiment = client.get_experiment_by_name(REPORTS_EXPERIMENT)
+        experiment_id = experiment.experiment_id if experiment else client.create_experiment(
+            REPORTS_EXPERIMENT, tags=EXPERIMENT_TAGS)
+        existing = client.search_runs([experiment_id], filter_string=f"tags.`{REPORT_TAG}` = 'report' and "
+                                                                      f"attributes.run_name = 'report-{report.name}'")
+        run_id = existing[0].info.run_id if existing else client.create_run(
+            experiment_id, run_name=f"report-{report.name}", tags={REPORT_TAG: "report"}).info.run_id
+        client.set_terminated(run_id, "FINISHED")
+        targets = [run_id]
     for run_id in targets:
         client.log_artifacts(run_id, str(report.out_dir), artifact_path="report")
     return targets

@@ -1,9 +1,13 @@
 """Tables laid out like the papers' ablations: one row per swept setting, one column per task.
 
 iLLaDA Table 4 (scoring rule × PIQA/ARC-C/HellaSwag), LLaDA Table 7 (block length × task), LLaDA Table 9
-(remasking × task) and the SFT-epoch numbers behind iLLaDA Fig. 1 all share this shape. Runs that differ only
-in a seed key are repeats of one setting: the cell is their mean ± standard error (std with ddof=1 / sqrt n).
-Accuracy-like metrics are printed in percent with one decimal, as the papers print them.
+(remasking × task) and the SFT-epoch numbers behind iLLaDA Fig. 1 all share this shape. Every accuracy comes
+with its standard error and n (the items evaluated): for one run, the binomial standard error the evaluation
+logged (`eval/<task>/<metric>_stderr`, `eval/<task>/n`); for runs that differ only in a seed key (repeats of
+one setting), their mean ± the larger of the spread over runs (std with ddof=1 / sqrt k) and the pooled
+binomial error. Accuracy-like metrics are printed in percent with one decimal, as the papers print them, in the
+tables and in the text alike. A setting is called best only when it leads the next by more than twice the
+standard error of the difference; otherwise the report says "tie within noise".
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from dataclasses import dataclass
 from .collect import RunRecord
 
 PERCENT_METRICS = ("acc", "acc_norm", "accuracy", "exact_match", "em", "f1")
+NOTE = ("Accuracy-like metrics in %, ± standard error (binomial, from the n items evaluated; for several runs of "
+        "a setting, the larger of that and their spread).")
 PRIMARY_ORDER = ("acc", "exact_match", "acc_norm", "accuracy", "em", "f1")
 EVAL_KEY = re.compile(r"^eval/([^/]+)/([^/]+)$")
 
@@ -52,13 +58,80 @@ def mean_se(values: list[float]) -> tuple[float, float | None, int]:
     return mean, math.sqrt(var / n), n
 
 
+@dataclass
+class Estimate:
+    """One cell: mean, standard error (None: unknown), items per run and how many runs."""
+
+    metric: str
+    mean: float
+    se: float | None
+    n: list[int]
+    runs: int
+
+    @property
+    def scale(self) -> float:
+        return 100.0 if self.metric in PERCENT_METRICS else 1.0
+
+    def text(self, with_n: bool = True, unit: bool = False) -> str:
+        """`60.1 ± 1.2 (n=200)` in tables; `60.1 ± 1.2 %, n=200` in sentences (`unit=True`)."""
+        digits = 1 if self.scale > 1 else 4
+        out = f"{self.mean * self.scale:.{digits}f}"
+        if self.se is not None:
+            out += f" ± {self.se * self.scale:.{digits}f}"
+        if unit and self.scale > 1:
+            out += " %"
+        if with_n:
+            out += f", {self.n_text()}" if unit else f" ({self.n_text()})"
+        return out
+
+    def points(self, other: Estimate) -> str:
+        """The gap to `other` in the table's unit (percentage points for accuracies)."""
+        gap = abs(self.mean - other.mean) * self.scale
+        return f"{gap:.1f} points" if self.scale > 1 else f"{gap:.4f}"
+
+    def n_text(self) -> str:
+        if not self.n:
+            return "n unknown"
+        n = f"n={self.n[0]}" if min(self.n) == max(self.n) else f"n={min(self.n)}–{max(self.n)}"
+        return n if self.runs == 1 else f"{n}, {self.runs} runs"
+
+
+def stderr_key(key: str) -> str:
+    return f"{key}_stderr"
+
+
+def n_key(key: str) -> str:
+    """`eval/<task>/n` for `eval/<task>/<metric>` (None-like '' for other metrics)."""
+    m = EVAL_KEY.match(key)
+    return f"eval/{m.group(1)}/n" if m else ""
+
+
+def estimate(metric: str, key: str, runs: list[RunRecord]) -> Estimate | None:
+    """The cell for `key` over `runs` (repeats of one setting); None when no run has the metric."""
+    have = [r for r in runs if key in r.metrics]
+    if not have:
+        return None
+    mean, spread, k = mean_se([r.metrics[key] for r in have])
+    binomial = [r.metrics[stderr_key(key)] for r in have if stderr_key(key) in r.metrics]
+    pooled = math.sqrt(sum(b * b for b in binomial)) / k if len(binomial) == k else None
+    known = [v for v in (spread, pooled) if v is not None]
+    ns = [int(r.metrics[n_key(key)]) for r in have if n_key(key) in r.metrics]
+    return Estimate(metric, mean, max(known) if known else None, ns, k)
+
+
 def format_cell(metric: str, values: list[float]) -> str:
+    """Mean ± spread of bare values (no n known): kept for callers that only have numbers."""
     if not values:
         return "–"
     mean, se, _ = mean_se(values)
-    scale, digits = (100.0, 1) if metric in PERCENT_METRICS else (1.0, 4)
-    text = f"{mean * scale:.{digits}f}"
-    return text if se is None else f"{text} ± {se * scale:.{digits}f}"
+    return Estimate(metric, mean, se, [], len(values)).text(with_n=False)
+
+
+def clearly_ahead(best: Estimate, other: Estimate) -> bool | None:
+    """Whether `best` leads `other` by more than twice the standard error of the difference (None: unknown)."""
+    if best.se is None or other.se is None:
+        return None
+    return abs(best.mean - other.mean) > 2 * math.sqrt(best.se ** 2 + other.se ** 2)
 
 
 def primary_metrics(runs: list[RunRecord], objective: str | None = None) -> list[tuple[str, str]]:
@@ -123,13 +196,28 @@ def ablation_table(trials: list[RunRecord], keys: list[str], objective: str | No
         cells = []
         for task, metric in columns:
             key = f"eval/{task}/{metric}" if task else metric
-            cells.append(format_cell(metric, [t.metrics[key] for t in group if key in t.metrics]))
+            cell = estimate(metric, key, group)
+            cells.append("–" if cell is None else cell.text())
         rows.append([*(str(v) for v in combo), *cells, str(len(group))])
     header = [*dims, *(f"{task} ({metric})" if task else metric for task, metric in columns), "runs"]
-    note = "Accuracy-like metrics in %."
+    note = NOTE
     if seeds and max_n > 1:
-        note += f" Mean ± standard error over {', '.join(seeds)} (runs per row in the last column)."
+        note += f" Rows with several runs (over {', '.join(seeds)}; count in the last column): their mean."
     return Table(title_for(dims or keys), header, rows, note)
+
+
+def setting_estimates(trials: list[RunRecord], keys: list[str], key: str, metric: str) -> list[tuple[str, Estimate]]:
+    """(settings text, estimate of `key`) per combination of the non-seed swept keys."""
+    dims = [k for k in keys if not is_seed_key(k)] or keys
+    groups: dict[tuple, list[RunRecord]] = {}
+    for t in trials:
+        groups.setdefault(tuple(t.params.get(k, "") for k in dims), []).append(t)
+    out = []
+    for combo, group in groups.items():
+        cell = estimate(metric, key, group)
+        if cell is not None:
+            out.append((", ".join(f"{k}={v}" for k, v in zip(dims, combo)), cell))
+    return out
 
 
 def markdown_table(table: Table) -> str:

@@ -30,7 +30,7 @@ PRUNERS = ("none", "median")
 MODES = ("train", "eval_only", "per_epoch")
 DIRECTIONS = ("maximize", "minimize")
 
-DEFAULT_EXPERIMENT_SCHEMA = "illada_lightning.experiment:ExperimentConfig"
+DEFAULT_EXPERIMENT_SCHEMA = "illada_lightning.experiment.config:ExperimentConfig"
 DEFAULT_EVAL_SCHEMA = "illada_lightning.evaluation.cli:EvaluateConfig"
 
 

@@ -19,12 +19,14 @@ from mlflow.entities import Metric, Param, RunTag
 
 from ..provenance import git_commit
 from ..runs import (
+    EXPERIMENT_TAGS,
     PARENT_TAG,
     ROLE_TAG,
     RUNS_FILE,
     SWEEP_ERROR_TAG,
     SWEEP_STATE_TAG,
     artifact_location,
+    mark_training_experiment,
     sqlite_path,
 )
 
@@ -85,9 +87,9 @@ def ensure_experiment(client: MlflowClient, name: str, tracking_uri: str) -> str
     except Exception as exc:
         raise TrackingError(f"cannot open MLflow tracking URI {tracking_uri!r}: {type(exc).__name__}: {exc}") from None
     if exp is not None:
-        return exp.experiment_id
+        return mark_training_experiment(client, exp.experiment_id)
     try:
-        return client.create_experiment(name, artifact_location=artifact_location(tracking_uri))
+        return client.create_experiment(name, artifact_location=artifact_location(tracking_uri), tags=EXPERIMENT_TAGS)
     except Exception:  # another worker created it first
         exp = client.get_experiment_by_name(name)
         if exp is None:

@@ -51,7 +51,7 @@ def _experiment_config(spec: SweepSpec, extra: list[str], run_dir: Path, run_nam
 
 def _train(cfg, run_dir: Path, run_id: str, client, extra_callbacks=()) -> dict:
     """`run_experiment(cfg)` logging into `run_id` as its parent run; stage runs are closed on failure."""
-    from ..experiment import run_experiment
+    from ..experiment.run import run_experiment
 
     run_dir.mkdir(parents=True, exist_ok=True)
     runs_file = run_dir / RUNS_FILE

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from ..data.config import DataConfig, SFTDataConfig, TokenizerConfig
-from ..diffusion.objective import DiffusionConfig
+from ..diffusion.config import DiffusionConfig
 from ..diffusion.sampler_config import SamplerConfig
 from ..model.config import PRESETS, ModelConfig
 
@@ -174,10 +174,11 @@ class PreviewConfig:
 
     num_prompts: int = 3
     prompts: list[str] = field(default_factory=list)  # empty: the first test/validation prompts
-    # `preview.sampler.*`: a budget of 32 tokens in blocks of 8, with iLLaDA §2.3 block-by-block generation
-    # that stops at EOS (the matching decoder for whole_window SFT).
+    # `preview.sampler.*`: iLLaDA §2.3 block-by-block generation that stops at EOS (the matching decoder for
+    # whole_window SFT). The budget is cut to what the model was trained for, the SFT window less the longest
+    # prompt, in whole blocks (illada_lightning/budget.py), so this default asks for more than a short window holds.
     sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(
-        steps=32, gen_length=32, block_length=8, variable_length=True))
+        steps=256, gen_length=256, block_length=8, variable_length=True))
 
 
 @dataclass

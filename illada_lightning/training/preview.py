@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from ..budget import fit_budget
 from ..data.corpus import read_jsonl_records, resolve_data_path
 from ..data.sft import record_to_pairs
 from ..diffusion.sampler import generate
@@ -33,5 +34,11 @@ def preview_answers(cfg: TrainingConfig, model, tokenizer) -> list[dict[str, str
     device = next(model.parameters()).device
     model.eval()
     ids = [torch.tensor(tokenizer.encode(p), dtype=torch.long, device=device) for p in prompts]
-    outputs = generate(model, ids, **asdict(cfg.preview.sampler), generator=torch.Generator(device).manual_seed(cfg.seed))
+    options = asdict(cfg.preview.sampler)
+    window = cfg.sft.data.max_seq_len or cfg.model.max_seq_len  # the window SFT trained on (null: the model's)
+    room = window - max(len(i) for i in ids)
+    block = cfg.preview.sampler.resolved_block_length
+    budget, steps = fit_budget(cfg.preview.sampler.budget, options["steps"], room // block * block, block)
+    options.update(gen_length=budget, steps=steps, max_new_tokens=budget if options["variable_length"] else None)
+    outputs = generate(model, ids, **options, generator=torch.Generator(device).manual_seed(cfg.seed))
     return [{"prompt": p, "answer": tokenizer.decode(out)} for p, out in zip(prompts, outputs)]

@@ -26,6 +26,7 @@ from urllib.parse import urlparse
 
 from lightning.pytorch.loggers import MLFlowLogger
 
+from illada_lightning.runs import EXPERIMENT_TAGS, mark_training_experiment
 from illada_lightning.provenance import git_commit
 
 from .. import runs
@@ -105,8 +106,8 @@ class Tracker:
     def _experiment_id(self, name: str, location: str | None) -> str:
         found = self.client.get_experiment_by_name(name)
         if found is not None:
-            return found.experiment_id
-        return self.client.create_experiment(name, artifact_location=location)
+            return mark_training_experiment(self.client, found.experiment_id)
+        return self.client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_TAGS)
 
     def _load_runs(self) -> dict[str, str]:
         path = self.run_dir / RUNS_FILE

@@ -11,11 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback
 
 from .callbacks import LossPlateauLRSwitch, NonFiniteLossGuard, ThroughputMonitor
 from .config import TrainingConfig
 from .module import DiffusionLMModule, PretrainModule, SFTModule
+from .progress import StepProgressBar
 from .step_checkpoint import AtomicCheckpointIO, StepCheckpoint
 from .strategy import make_strategy
 
@@ -48,7 +49,7 @@ def stage_callbacks(cfg: TrainingConfig, stage: str, ckpt_dir: Path) -> list[Cal
     if stage == "pretrain":
         callbacks.append(LossPlateauLRSwitch(section.schedule, section.optim.warmup_steps))
     if cfg.progress_bar:
-        callbacks.append(TQDMProgressBar(refresh_rate=max(1, section.log_every_n_steps // 2)))
+        callbacks.append(StepProgressBar(stage, refresh_rate=max(1, section.log_every_n_steps // 2)))
     return callbacks
 
 

@@ -1,0 +1,72 @@
+"""Every command answers `--help`, and a typo'd key, with one clear line and without importing torch (a
+new user on a loaded machine otherwise waits 15-30 s for torch to say "unknown key")."""
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+HEAVY = ("torch", "lightning", "mlflow")
+
+# Runs the CLI's main as `python -m` would, then reports which heavy modules got imported.
+PROBE = """
+import runpy, sys
+sys.argv = [{module!r}] + {args!r}
+code = 0
+try:
+    runpy.run_module({module!r}, run_name="__main__", alter_sys=True)
+except SystemExit as exc:
+    code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+print("IMPORTED=" + ",".join(m for m in {heavy!r} if m in sys.modules), file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def probe(module: str, *args: str) -> tuple[subprocess.CompletedProcess, list[str], float]:
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", PROBE.format(module=module, args=list(args), heavy=HEAVY)],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    imported = out.stderr.rsplit("IMPORTED=", 1)[-1].strip()
+    return out, [m for m in imported.split(",") if m], time.perf_counter() - start
+
+
+HELP = ["experiments.run", "experiments.evaluate", "experiments.generate", "experiments.inspect", "sweeps.run",
+        "reports.make"]
+
+
+@pytest.mark.parametrize("module", HELP)
+def test_help_answers_without_importing_torch(module):
+    out, imported, _ = probe(module, "--help")
+    assert out.returncode == 0, out.stderr
+    assert "python -m" in out.stdout  # the usage line names the command
+    assert "Traceback" not in out.stderr
+    assert imported == [], f"--help imported {imported}"
+
+
+TYPOS = [
+    ("experiments.run", ["pretrain.max_stpes=3"], "pretrain.max_stpes"),
+    ("experiments.evaluate", ["ckpt=runs/x", "tasks=[synthetc]"], "synthetc"),
+    ("experiments.evaluate", ["ckpt=/nonexistent/run", "tasks=[synthetic]"], "/nonexistent/run"),
+    ("experiments.inspect", ["model.n_layerz=3"], "model.n_layerz"),
+    ("sweeps.run", ["sweeps/scoring_rule.yaml", "n_trialz=3", "--validate"], "n_trialz"),
+    ("reports.make", ["--sweep", "x", "--tracking-urii", "sqlite:///x.db"], "--tracking-urii"),
+]
+
+
+@pytest.mark.parametrize(("module", "args", "named"), TYPOS, ids=[f"{m}:{n}" for m, _, n in TYPOS])
+def test_typo_is_refused_with_one_line_before_torch_is_imported(module, args, named):
+    out, imported, _ = probe(module, *args)
+    assert out.returncode == 2, out.stderr
+    assert named in out.stderr and "Traceback" not in out.stderr
+    assert "torch" not in imported and "lightning" not in imported, f"{module} imported {imported} for a typo"
+
+
+@pytest.mark.xfail(reason="GenerateConfig nests SamplerConfig, whose module imports torch: a typo'd key waits "
+                          "for torch until the sampler's config module is torch-free", strict=False)
+def test_generate_typo_is_refused_before_torch_is_imported():
+    out, imported, _ = probe("experiments.generate", "prompt=hi", "sampler.stepz=3")
+    assert out.returncode == 2 and "sampler.stepz" in out.stderr
+    assert "torch" not in imported
