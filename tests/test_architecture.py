@@ -19,7 +19,7 @@ LAYERS = {
     "model": 1, "config": 1,  # the config loader knows the model presets (`model=<preset>`)
     "diffusion": 2,
     "data": 3,
-    "checkpoint": 4, "interop": 4, "runs": 4,
+    "checkpoint": 4, "interop": 4, "runs": 4, "budget": 4,
     "training": 5,
     "evaluation": 6,
     "experiment": 7,

@@ -64,8 +64,6 @@ def test_typo_is_refused_with_one_line_before_torch_is_imported(module, args, na
     assert "torch" not in imported and "lightning" not in imported, f"{module} imported {imported} for a typo"
 
 
-@pytest.mark.xfail(reason="GenerateConfig nests SamplerConfig, whose module imports torch: a typo'd key waits "
-                          "for torch until the sampler's config module is torch-free", strict=False)
 def test_generate_typo_is_refused_before_torch_is_imported():
     out, imported, _ = probe("experiments.generate", "prompt=hi", "sampler.stepz=3")
     assert out.returncode == 2 and "sampler.stepz" in out.stderr

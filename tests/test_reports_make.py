@@ -171,8 +171,8 @@ def test_cli_and_bad_names(store, tmp_path, capsys):
 
 
 def test_reports_go_under_the_runs_directory_and_never_into_the_training_experiment(tmp_path, monkeypatch):
-    from illada_lightning.runs import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
     from illada_lightning.reporting.report import REPORTS_EXPERIMENT, default_out_root
+    from illada_lightning.runs import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
 
     runs = tmp_path / "runs"
     runs.mkdir()

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-STRATIFICATIONS = ("uniform", "llada_released")
+from .scoring_config import STRATIFICATIONS
 
 
 def stratified_counts(lengths: torch.Tensor, index: torch.Tensor, group_size: torch.Tensor, start: torch.Tensor,

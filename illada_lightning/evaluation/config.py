@@ -2,7 +2,7 @@
 
 One dataclass serves the evaluation CLI (`python -m experiments.evaluate ...`), the per-epoch callback
 and sweeps. The multiple-choice scorer's settings are the nested `scoring` group
-(`diffusion.scoring.ScoringConfig`: `scoring.rule`, `scoring.mc_samples`, `scoring.cache`, ...) and the
+(`diffusion.scoring_config.ScoringConfig`: `scoring.rule`, `scoring.mc_samples`, `scoring.cache`, ...) and the
 sampler's the nested `sampler` group (`diffusion.sampler_config.SamplerConfig`: `sampler.steps`,
 `sampler.gen_length`, `sampler.cache`, `sampler.parallel`, ...): one dataclass per concept, validated by its
 own `validate()`, with the evaluation defaults below (iLLaDA §2.3 / Appendix A: blocks of 32).
@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from ..diffusion.sampler_config import SamplerConfig
-from ..diffusion.scoring import ScoringConfig
+from ..diffusion.scoring_config import ScoringConfig
 
 
 def eval_sampler_defaults() -> SamplerConfig:

@@ -26,8 +26,8 @@ from urllib.parse import urlparse
 
 from lightning.pytorch.loggers import MLFlowLogger
 
-from illada_lightning.runs import EXPERIMENT_TAGS, mark_training_experiment
 from illada_lightning.provenance import git_commit
+from illada_lightning.runs import EXPERIMENT_TAGS, mark_training_experiment
 
 from .. import runs
 from ..checkpoint import atomic_write
