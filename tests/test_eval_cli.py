@@ -141,7 +141,7 @@ def test_budget_helpers_read_the_trained_context_and_scale_steps(tmp_path):
 def test_cli_shortens_a_generation_budget_the_checkpoint_cannot_hold(tmp_path, tiny, capsys):
     """The README's evaluation of the default model: gen_length=256 in a model trained on 128-token windows
     ended in a traceback ("leaves no room for a prompt"); now it is shortened with a note."""
-    from illada_lightning.training.checkpoint import export_model
+    from illada_lightning.checkpoint import export_model
 
     model, tokenizer = tiny  # max_seq_len=128
     run_dir = tmp_path / "runs" / "default"
@@ -150,11 +150,12 @@ def test_cli_shortens_a_generation_budget_the_checkpoint_cannot_hold(tmp_path, t
                                          "    max_seq_len: 128\n")
     assert main([f"ckpt={ckpt.parent}", "tasks=[synthetic]", "limit=2", "mlflow=false"]) == 0
     captured = capsys.readouterr()
-    assert "note: gen_length 256 -> 64 (steps 256 -> 64)" in captured.err and "128-token" in captured.err
+    assert "note: sampler.gen_length 256 -> 64 (steps 256 -> 64)" in captured.err and "128-token" in captured.err
     assert "synthetic" in captured.out and "Traceback" not in captured.err
     settings = json.loads((run_dir / "sft" / "eval" / "eval_config.json").read_text())
-    assert (settings["gen_length"], settings["steps"], settings["block_length"]) == (64, 64, 32)
+    sampler = settings["sampler"]
+    assert (sampler["gen_length"], sampler["steps"], sampler["block_length"]) == (64, 64, 32)
     # a setting problem the budget cannot fix is one line, not a traceback
-    assert main([f"ckpt={ckpt.parent}", "tasks=[synthetic]", "limit=2", "mlflow=false", "variable_length=false",
-                 "gen_length=30", "block_length=32"]) == 2
-    assert "gen_length=30" in capsys.readouterr().err
+    assert main([f"ckpt={ckpt.parent}", "tasks=[synthetic]", "limit=2", "mlflow=false",
+                 "sampler.variable_length=false", "sampler.gen_length=48", "sampler.block_length=32"]) == 2
+    assert "gen_length=48" in capsys.readouterr().err
