@@ -83,6 +83,7 @@ def write_random_checkpoint(args, directory: Path) -> float:
 
 def evaluate_checkpoint(args, directory: Path) -> list[dict]:
     from illada_lightning.checkpoint import load_checkpoint
+    from illada_lightning.diffusion.scoring_config import ScoringConfig
     from illada_lightning.evaluation import EvalConfig, evaluate
     from illada_lightning.interop.llada_hf import DTYPES, load_hf_checkpoint
 
@@ -102,8 +103,9 @@ def evaluate_checkpoint(args, directory: Path) -> list[dict]:
         text_path.write_text(corpus_text(None), encoding="utf-8")
     rows = []
     for rule in args.rules:
-        cfg = EvalConfig(tasks=["cloze"], data={"cloze": str(text_path)}, scoring_rule=rule, cloze_items=args.items,
-                         mc_samples=args.mc_samples, mc_batch_size=args.mc_samples, num_fewshot=0)
+        scoring = ScoringConfig(rule=rule, mc_samples=args.mc_samples, mc_batch_size=args.mc_samples)
+        cfg = EvalConfig(tasks=["cloze"], data={"cloze": str(text_path)}, scoring=scoring, cloze_items=args.items,
+                         num_fewshot=0)
         results, seconds = timed(lambda cfg=cfg: evaluate(model, tokenizer, None, cfg), device)
         n = results["cloze"]["n"]
         rows.append({"bench": "hf_checkpoint", "preset": args.preset, "rule": rule, "items": n,

@@ -101,10 +101,13 @@ def _flat_arc(record: dict) -> dict:
 
 
 def _evaluate(tmp_path, model, tokenizer, task: str, data, **options):
+    from illada_lightning.diffusion.sampler_config import SamplerConfig
+    from illada_lightning.diffusion.scoring_config import ScoringConfig
     from illada_lightning.evaluation import EvalConfig, evaluate
 
-    cfg = EvalConfig(tasks=[task], data={task: str(data)}, num_fewshot=0, batch_size=16, **options)
-    out = tmp_path / f"ours-{task}-{options.get('scoring_rule', 'gen')}"
+    groups = {"scoring": ScoringConfig(**options.pop("scoring", {})), "sampler": SamplerConfig(**options.pop("sampler", {}))}
+    cfg = EvalConfig(tasks=[task], data={task: str(data)}, num_fewshot=0, batch_size=16, **groups, **options)
+    out = tmp_path / f"ours-{task}-{groups['scoring'].rule}"
     results = evaluate(model, tokenizer, None, cfg, out_dir=out)
     records = [json.loads(x) for x in (out / f"{task}.examples.jsonl").read_text().splitlines()]
     return results[task], records
@@ -118,8 +121,8 @@ def test_harness_multiple_choice_matches_experiments_evaluate(tmp_path, tiny, ru
 
     model, tokenizer = tiny
     arc = write_jsonl(tmp_path / "ARC-Challenge-Test.jsonl", ARC_ITEMS)
-    ours, records = _evaluate(tmp_path, model, tokenizer, "arc_challenge", arc, scoring_rule=rule, mc_samples=4,
-                              mc_batch_size=4)
+    ours, records = _evaluate(tmp_path, model, tokenizer, "arc_challenge", arc, scoring=dict(rule=rule, mc_samples=4,
+                                                                                       mc_batch_size=4))
     flat = write_jsonl(tmp_path / "flat.jsonl", [_flat_arc(r) for r in ARC_ITEMS])
     (tmp_path / "mc.yaml").write_text(HARNESS_MC_YAML.format(data=flat))
     lm = IlladaLM(model=model, tokenizer=tokenizer, scoring_rule=rule, mc_samples=4, mc_batch_size=4, batch_size=64)
@@ -146,7 +149,8 @@ def test_harness_generation_matches_experiments_evaluate(tmp_path, tiny):  # noq
     with torch.no_grad():
         model.embed.weight[:9] = 0.0
     gsm = write_jsonl(tmp_path / "gsm8k" / "test.jsonl", GSM8K_TEST)
-    ours, records = _evaluate(tmp_path, model, tokenizer, "gsm8k", gsm, gen_length=8, steps=8, block_length=8)
+    ours, records = _evaluate(tmp_path, model, tokenizer, "gsm8k", gsm,
+                              sampler=dict(gen_length=8, steps=8, block_length=8))
     (tmp_path / "gen.yaml").write_text(HARNESS_GEN_YAML.format(data=gsm))
     lm = IlladaLM(model=model, tokenizer=tokenizer, block_length=8)
     out = lm_eval.simple_evaluate(model=lm, tasks=["illada_gsm8k_same_items"], log_samples=True,

@@ -55,10 +55,10 @@ SHORTER = [
     ("python -m experiments.run", ["pretrain.max_steps=6", "sft.max_steps=4", "pretrain.val_every_n_steps=0",
                                    "sft.val_every_n_steps=0", "pretrain.limit_val_batches=1",
                                    "sft.limit_val_batches=1", "preview.num_prompts=1"]),
-    ("python -m experiments.evaluate", ["limit=8", "mc_samples=4"]),
+    ("python -m experiments.evaluate", ["limit=8", "scoring.mc_samples=4"]),
     ("python -m sweeps.run sweeps/scoring_rule.yaml",  # its benchmark tasks need files the project does not ship
      ["checkpoint=runs/default",
-      'evaluation.overrides=["tasks=[cloze]","data.cloze=data/corpus/valid.txt","limit=8","mc_samples=4"]']),
+      'evaluation.overrides=["tasks=[cloze]","data.cloze=data/corpus/valid.txt","limit=8","scoring.mc_samples=4"]']),
 ]
 NOT_HERE = {"pip install": "the install + test command is what CI runs (the test above checks it)"}
 NEEDS_GPU = "# on a GPU"
