@@ -40,7 +40,7 @@ PRETRAIN = [
 STEPS = 6
 EVAL = ["eval.per_epoch=true", "eval.tasks=[cloze,synthetic]", "eval.subset_size=6", "eval.cloze_items=12",
         "eval.cloze_context_words=12", "eval.cloze_continuation_words=4", "eval.sampler.gen_length=4",
-        "eval.sampler.block_length=4", "eval.sampler.steps=4", "eval.sampler.max_new_tokens=4"]
+        "eval.sampler.block_length=4", "eval.sampler.steps=4"]
 
 
 def _cloze_text() -> str:

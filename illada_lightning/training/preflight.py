@@ -197,11 +197,11 @@ def preflight(cfg: TrainingConfig) -> tuple[Any, dict[str, Any]]:
     """All checks that can fail, before training; returns (tokenizer, {stage: prepared datamodule})."""
     check_strategy(cfg.strategy, cfg.accelerator, cfg.devices, cfg.num_nodes, precision=cfg.precision,
                    cpu_offload=cfg.fsdp_cpu_offload)
+    check_init_from(cfg)  # what the user named first, then the machine (disk, store)
     if is_rank_zero():
         check_run_dir(cfg)
         check_tracking_uri(cfg.mlflow, cfg.runs_root)
         check_run_dir_writable(cfg)
-    check_init_from(cfg)
     tokenizer = resolve_tokenizer(cfg)
     datamodules = {}
     for stage in stages_of(cfg):
