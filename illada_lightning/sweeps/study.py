@@ -15,6 +15,7 @@ pruners, and `RetryHeartbeatStaleTrialCallback` for trials whose worker died.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import warnings
@@ -28,7 +29,7 @@ from optuna.trial import FrozenTrial, TrialState
 from ..runs import sqlite_path
 from .space import param_values, params_key
 from .spec import SweepSpec
-from .tracking import close_runs_of_trial
+from .tracking import close_runs_of_trial, file_lock
 
 SQLITE_BUSY_TIMEOUT_S = 120  # a worker waits this long for another one's write before giving up
 GRACE_HEARTBEATS = 3  # missed beats before a RUNNING trial counts as dead (margin for a loaded machine)
@@ -77,7 +78,10 @@ def open_storage(url: str, spec: SweepSpec | None = None) -> RDBStorage:
         # autocommit driver + explicit BEGIN IMMEDIATE (SQLAlchemy's pysqlite recipe), see the module doc
         engine_kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_S, "isolation_level": None}
     beat = spec.heartbeat_s if spec is not None else None
-    with warnings.catch_warnings():
+    # Two launchers on a fresh SQLite file would both create its schema (alembic's version row collides):
+    # creation happens under a lock of its own (not the study's lock, which a caller may already hold).
+    creating = file_lock(path.with_name(path.name + ".create.lock")) if path is not None else contextlib.nullcontext()
+    with creating, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # heartbeat arguments are flagged experimental
         try:
             storage = RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=beat,
