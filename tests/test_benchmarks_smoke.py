@@ -33,6 +33,7 @@ def test_sampler_and_scoring_benchmarks_smoke(tmp_path):
     assert scoring_bench.main(["--preset", "tiny", "--device", "cpu", "--out", str(tmp_path / "c.jsonl")])
 
 
+@pytest.mark.slow
 def test_train_throughput_through_the_strategy_factory_with_two_processes(tmp_path):
     import os
     import subprocess

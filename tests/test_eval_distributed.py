@@ -3,6 +3,7 @@
 import os
 import socket
 
+import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -29,6 +30,7 @@ def _worker(rank, world_size, port, path, queue):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_sharded_evaluation_gathers_to_the_single_process_result(tmp_path):
     path = str(arc_file(tmp_path, n=10))
     cfg = EvalConfig(tasks=["arc_challenge"], data={"arc_challenge": path})

@@ -48,6 +48,7 @@ def small_config(root: Path, cache: Path, *overrides: str) -> ExperimentConfig:
     ])
 
 
+@pytest.mark.slow
 def test_default_run_end_to_end(tmp_path, data_cache):
     from mlflow.tracking import MlflowClient
 
@@ -120,6 +121,7 @@ class StopAt(Callback):
             raise SimulatedCrash(f"crash at step {trainer.global_step}")
 
 
+@pytest.mark.slow
 def test_resume_matches_uninterrupted_losses(tmp_path, data_cache):
     # A plateau detector that is active, so its state must survive the resume too.
     common = ["stage=pretrain", "pretrain.max_steps=10", "pretrain.ckpt_every_n_steps=4", "mlflow.enabled=false",
@@ -151,6 +153,7 @@ def test_resume_matches_uninterrupted_losses(tmp_path, data_cache):
     assert longer["stages"]["pretrain"]["global_step"] == 12 and "skipped" not in longer["stages"]["pretrain"]
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes(tmp_path, data_cache):
     args = [*SMALL, f"runs_root={tmp_path}", f"pretrain.data.cache_dir={data_cache}",
             f"sft.data.cache_dir={data_cache}", "name=ddp", "strategy=ddp", "devices=2", "accelerator=cpu",
@@ -165,6 +168,7 @@ def test_ddp_two_cpu_processes(tmp_path, data_cache):
     assert (tmp_path / "ddp" / "sft" / "FINISHED").is_file()
 
 
+@pytest.mark.slow
 def test_sft_per_epoch_evaluation_from_config_logs_one_point_per_epoch(tmp_path, data_cache):
     """`eval.per_epoch=true` attaches the evaluation callback to SFT: one `eval/...` point per epoch in MLflow."""
     import json
