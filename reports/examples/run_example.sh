@@ -33,18 +33,18 @@ python -m experiments.run "$EXP" name=example "runs_root=$ROOT" "mlflow.tracking
   preview.num_prompts=0
 has() { [[ " $SWEEPS " == *" $1 "* ]]; }
 has scoring_rule && python -m sweeps.run sweeps/scoring_rule.yaml "${common[@]}" "checkpoint=$CKPT" "output_dir=$ROOT/sweeps/scoring_rule" \
-  "evaluation.overrides=[\"tasks=[cloze]\",limit=$LIMIT,mc_samples=32]"
+  "evaluation.tasks=[cloze]" "evaluation.overrides=[limit=$LIMIT,scoring.mc_samples=32]"
 if [[ -n "${EXAMPLE_GSM8K_LIMIT:-}" ]]; then  # GSM8K end to end through the generation path
-  python -m experiments.evaluate "ckpt=$CKPT/sft" "tasks=[gsm8k]" "limit=$EXAMPLE_GSM8K_LIMIT" gen_length=64 \
-    block_length=32 steps=64 "out=$ROOT/gsm8k" "tracking_uri=$URI"
+  python -m experiments.evaluate "ckpt=$CKPT/sft" "tasks=[gsm8k]" "limit=$EXAMPLE_GSM8K_LIMIT" sampler.gen_length=64 \
+    sampler.block_length=32 sampler.steps=64 "out=$ROOT/gsm8k" "tracking_uri=$URI"
 fi
 has block_length && python -m sweeps.run sweeps/block_length.yaml "${common[@]}" "checkpoint=$CKPT" "output_dir=$ROOT/sweeps/block_length" \
-  "evaluation.overrides=[\"tasks=[synthetic]\",limit=$LIMIT,gen_length=64,steps=64]"
+  "evaluation.tasks=[synthetic]" "evaluation.overrides=[limit=$LIMIT,sampler.gen_length=64,sampler.steps=64]"
 has remasking && python -m sweeps.run sweeps/remasking.yaml "${common[@]}" "checkpoint=$CKPT" "output_dir=$ROOT/sweeps/remasking" \
-  "evaluation.overrides=[\"tasks=[synthetic]\",limit=$LIMIT,gen_length=64,block_length=64,steps=64]"
+  "evaluation.tasks=[synthetic]" "evaluation.overrides=[limit=$LIMIT,sampler.gen_length=64,sampler.block_length=64,sampler.steps=64]"
 has sft_epochs && python -m sweeps.run sweeps/sft_epochs.yaml "${common[@]}" "output_dir=$ROOT/sweeps/sft_epochs" \
   "overrides=[stage=sft,init_from=$CKPT/pretrain,\"$SFT\"]" \
-  "evaluation.overrides=[\"tasks=[synthetic]\",subset_size=$LIMIT,gen_length=32,block_length=32,steps=32]"
+  "evaluation.tasks=[synthetic]" "evaluation.overrides=[subset_size=$LIMIT,sampler.gen_length=32,sampler.block_length=32,sampler.steps=32]"
 [[ "${EXAMPLE_REPORTS:-1}" == 1 ]] || exit 0  # reports can also be made later from the MLflow store
 python -m reports.make --experiment illada-lightning --tracking-uri "$URI" --out-root "$OUT" || true
 for sweep in $SWEEPS; do
