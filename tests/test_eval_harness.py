@@ -11,8 +11,9 @@ from illada_lightning.evaluation.harness import IlladaLM  # noqa: E402  (registe
 from tests.test_eval_cli import tiny  # noqa: E402,F401  (module-scoped fixture: a tiny random model)
 from tests.test_eval_tasks import ARC_LETTERS, ARC_NUMERIC, GSM8K_TEST, write_jsonl  # noqa: E402
 
+# One local multiple-choice task for the harness; {name} and {data} are filled in per test.
 TASK_YAML = """\
-task: illada_local_mc
+task: {name}
 dataset_path: json
 dataset_kwargs:
   data_files:
@@ -37,7 +38,7 @@ def test_harness_runs_a_local_multiple_choice_task(tmp_path, tiny, rule):  # noq
         {"question": "What heats the water?", "choices": ["the Sun", "the Moon", "a duck"], "label": 0},
         {"question": "Who sells ducks?", "choices": ["Janet", "the air"], "label": 0},
     ]))
-    (tmp_path / "task.yaml").write_text(TASK_YAML.format(data=data))
+    (tmp_path / "task.yaml").write_text(TASK_YAML.format(name="illada_local_mc", data=data))
     lm = IlladaLM(model=model, tokenizer=tokenizer, scoring_rule=rule, mc_samples=4, mc_batch_size=4)
     out = lm_eval.simple_evaluate(model=lm, tasks=["illada_local_mc"], task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
                                   log_samples=True)
@@ -61,20 +62,6 @@ def test_harness_generate_until_stops_at_the_stop_strings(tiny):  # noqa: F811
 # ----------------------------------------------------------------------------- same numbers as experiments.evaluate
 
 ARC_ITEMS = [ARC_LETTERS, ARC_NUMERIC, {**ARC_LETTERS, "id": "x3", "answerKey": "C"}]
-HARNESS_MC_YAML = """\
-task: illada_arc_same_items
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: label
-metric_list:
-  - metric: acc
-"""
 HARNESS_GEN_YAML = """\
 task: illada_gsm8k_same_items
 dataset_path: json
@@ -124,7 +111,7 @@ def test_harness_multiple_choice_matches_experiments_evaluate(tmp_path, tiny, ru
     ours, records = _evaluate(tmp_path, model, tokenizer, "arc_challenge", arc, scoring=dict(rule=rule, mc_samples=4,
                                                                                        mc_batch_size=4))
     flat = write_jsonl(tmp_path / "flat.jsonl", [_flat_arc(r) for r in ARC_ITEMS])
-    (tmp_path / "mc.yaml").write_text(HARNESS_MC_YAML.format(data=flat))
+    (tmp_path / "mc.yaml").write_text(TASK_YAML.format(name="illada_arc_same_items", data=flat))
     lm = IlladaLM(model=model, tokenizer=tokenizer, scoring_rule=rule, mc_samples=4, mc_batch_size=4, batch_size=64)
     out = lm_eval.simple_evaluate(model=lm, tasks=["illada_arc_same_items"], log_samples=True,
                                   task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False))
