@@ -40,12 +40,25 @@ def model_special_ids(model) -> dict[str, int | None]:
     }
 
 
-def inference_context(device: torch.device, precision: str = "auto"):
-    """inference_mode, plus bf16 autocast on CUDA for `auto`/`bf16` (weights already in bf16 need none)."""
+def grad_free_context(model=None):
+    """`torch.inference_mode()`, except `torch.no_grad()` for an FSDP2-sharded model.
+
+    FSDP2 allocates its unsharded parameter buffers (and, under mixed precision, their bf16 copies) at the
+    first all-gather and reuses them afterwards. Gathered under inference mode they become inference tensors:
+    that forward fails ("Inference tensors do not track version counter"), and so does every later training
+    step that writes into them. Lightning makes the same choice for FSDP1 (pytorch/pytorch#95957)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return torch.no_grad() if isinstance(model, FSDPModule) else torch.inference_mode()
+
+
+def inference_context(device: torch.device, precision: str = "auto", model=None):
+    """Gradient-free (`grad_free_context`), plus bf16 autocast on CUDA for `auto`/`bf16` (weights already in
+    bf16 need none)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     stack = contextlib.ExitStack()
-    stack.enter_context(torch.inference_mode())
+    stack.enter_context(grad_free_context(model))
     if device.type == "cuda" and precision in ("auto", "bf16"):
         stack.enter_context(torch.autocast("cuda", dtype=torch.bfloat16))
     elif device.type != "cuda" and precision == "bf16":

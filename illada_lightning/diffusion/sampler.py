@@ -241,7 +241,7 @@ def generate_batch(
     n_forward = [0] * B
     plan = config.block_plan()
 
-    with inference_context(device, config.precision):
+    with inference_context(device, config.precision, model):
         for block_index, (start, length, schedule) in enumerate(plan):
             if not active:
                 break

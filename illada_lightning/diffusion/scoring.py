@@ -208,7 +208,7 @@ def score_batch(model, items: Sequence, rule: str = "confidence", *, generator: 
     device = model_device(model)
     if generator is None and config.seed is not None:
         generator = torch.Generator().manual_seed(config.seed)
-    with inference_context(device, config.precision):
+    with inference_context(device, config.precision, model):
         if config.rule == "confidence":
             flat = _confidence_scores(model, pairs, mask_id, config, device)
         else:

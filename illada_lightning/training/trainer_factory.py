@@ -74,4 +74,8 @@ def make_trainer(cfg: TrainingConfig, stage: str, stage_dir: Path, logger, extra
         callbacks=callbacks, enable_progress_bar=cfg.progress_bar, enable_model_summary=False,
         use_distributed_sampler=False,  # the data modules shard batches over ranks themselves
         default_root_dir=str(stage_dir),
+        # Evaluation loops under no_grad, not inference_mode, when sharded: FSDP2 would allocate its gathered
+        # parameters as inference tensors (diffusion/packed_inference.py: grad_free_context). Lightning picks
+        # no_grad itself only for FSDP1 and for gloo, so CPU runs never showed it; NCCL runs crashed.
+        inference_mode=cfg.strategy != "fsdp",
     )
