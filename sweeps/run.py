@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     # Imported after parsing, so `--help` and a bad flag are answered at once.
     from illada_lightning.config import ConfigError
     from illada_lightning.logs import configure_logging
+    from illada_lightning.redact import mask_password
     from illada_lightning.sweeps import SweepError, load_sweep_spec, run_sweep, validate_sweep
     from illada_lightning.sweeps.multirun import format_result
     from illada_lightning.sweeps.runner import resolve_trial_fn
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.validate:
             validate_sweep(spec, getattr(resolve_trial_fn(spec, None), "declared_metrics", None))
             print(f"sweep {spec.name!r} is valid: {len(spec.space)} keys, mode {spec.mode}, "
-                  f"storage {spec.resolved_storage}")
+                  f"storage {mask_password(spec.resolved_storage)}")
             return 0
         result = run_sweep(spec, max_trials=args.max_trials)
     except (ConfigError, SweepError) as exc:

@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "illada_lightning"
 
 # Sub-package (or top-level module) -> layer. Lower numbers are lower layers.
 LAYERS = {
-    "options": 0, "provenance": 0, "logs": 0,
+    "options": 0, "provenance": 0, "logs": 0, "redact": 0,
     "model": 1, "config": 1,  # the config loader knows the model presets (`model=<preset>`)
     "diffusion": 2,
     "data": 3,

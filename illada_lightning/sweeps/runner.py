@@ -23,14 +23,15 @@ import optuna
 from optuna.trial import TrialState
 
 from ..config import flatten
+from ..redact import mask_password
 from ..runs import SWEEP_NAME_TAG, SWEEP_PARAM_PREFIX, SWEEP_STUDY_TAG, TRIAL_NUMBER_TAG
 from . import trials
 from .context import SetupContext, TrialContext, TrialFn
 from .space import suggest, to_overrides
 from .spec import SweepSpec
+from .database import study_lock
 from .study import (
     fail_dead_trials,
-    lock_path,
     not_started,
     open_storage,
     open_study,
@@ -44,7 +45,6 @@ from .tracking import (
     create_run,
     ensure_experiment,
     error_text,
-    file_lock,
     finish_run,
     log_metrics,
     log_params,
@@ -63,7 +63,7 @@ BUILT_IN = {"train": trials.train_trial, "eval_only": trials.eval_only_trial, "p
 @dataclasses.dataclass
 class SweepResult:
     study_name: str
-    storage: str
+    storage: str  # password masked (as every URL this package stores or prints)
     tracking_uri: str
     parent_run_id: str
     n_complete: int
@@ -151,16 +151,16 @@ def worker_loop(spec: SweepSpec, trial_fn: TrialFn | str | None = None, worker_i
                 max_trials: int | None = None, poll_s: float | None = None) -> int:
     """Run trials (`study.optimize`, one at a time) until none is left or `max_trials` ran. Returns trials run.
 
-    "Is there work? then ask" runs under the study's file lock, released as the objective starts, so workers
-    never start more trials than the budget (nor, with retries queued, a grid point twice)."""
+    "Is there work? then ask" runs under the study's lock (`database.study_lock`: one for launchers on every
+    host), released as the objective starts, so workers never start more trials than the budget (nor, with
+    retries queued, a grid point twice)."""
     fn = resolve_trial_fn(spec, trial_fn)
     study = open_study(spec, worker_index)
     worker = f"{socket.gethostname()}:{os.getpid()}:{worker_index}"
     poll_s = poll_s if poll_s is not None else min(spec.heartbeat_s, 5)
-    lock_file = lock_path(spec.resolved_storage, spec.resolved_output_dir)
     ran = 0
     while max_trials is None or ran < max_trials:
-        with file_lock(lock_file) as lock:
+        with _lock(spec) as lock:
             fail_dead_trials(study)  # a dead worker's trial: FAIL, KILLED in MLflow, queued again
             work = pending_work(study, spec)
             if work == "run":
@@ -185,6 +185,10 @@ def _optimize_one(study: optuna.Study, spec: SweepSpec, fn: TrialFn, worker: str
         if "Cannot tell" not in str(exc):
             raise
         log.warning(DISCARDED)
+
+
+def _lock(spec: SweepSpec):
+    return study_lock(spec.resolved_storage, spec.resolved_study_name, spec.resolved_output_dir)
 
 
 def _worker_process(spec: SweepSpec, trial_fn: TrialFn | str | None, worker_index: int,
@@ -239,16 +243,16 @@ def _run_setup(study: optuna.Study, spec: SweepSpec, trial_fn: TrialFn, parent: 
 def prepare_study(spec: SweepSpec, trial_fn: TrialFn) -> str:
     """Create or load the study (once, under its lock), its MLflow parent run, re-queue failed parameter sets
     and run the mode's one-off setup. Returns the parent run id."""
-    with file_lock(lock_path(spec.resolved_storage, spec.resolved_output_dir)):
+    with _lock(spec):
         study = open_study(spec)
         if study.direction.name.lower() != spec.objective.direction:
             raise SweepError(
-                f"study {spec.resolved_study_name!r} in {spec.resolved_storage} exists with direction "
+                f"study {spec.resolved_study_name!r} in {mask_password(spec.resolved_storage)} exists with direction "
                 f"{study.direction.name.lower()}; use another study_name for direction {spec.objective.direction}")
         stored = study.user_attrs.get(ATTR_SPACE)
         if stored is not None and stored != space_signature(spec):
             raise SweepError(
-                f"study {spec.resolved_study_name!r} in {spec.resolved_storage} was created with another search "
+                f"study {spec.resolved_study_name!r} in {mask_password(spec.resolved_storage)} was created with another search "
                 f"space ({stored}); use another study_name (or the original space) to resume")
         study.set_user_attr(ATTR_SPACE, space_signature(spec))
         parent, experiment_id = _ensure_parent_run(study, spec)
@@ -268,7 +272,8 @@ def summarize(spec: SweepSpec, parent_run_id: str) -> SweepResult:
     if complete:
         best = (max if spec.objective.direction == "maximize" else min)(complete, key=lambda t: t.value)
     return SweepResult(
-        study_name=spec.resolved_study_name, storage=spec.resolved_storage, tracking_uri=spec.resolved_tracking_uri,
+        study_name=spec.resolved_study_name, storage=mask_password(spec.resolved_storage),
+        tracking_uri=mask_password(spec.resolved_tracking_uri),
         parent_run_id=parent_run_id, n_complete=len(complete), n_failed=count(TrialState.FAIL),
         n_pruned=count(TrialState.PRUNED),
         n_pending=count(TrialState.WAITING, TrialState.RUNNING) + not_started(trials_, spec),

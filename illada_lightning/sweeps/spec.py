@@ -28,6 +28,7 @@ PARAM_TYPES = ("categorical", "int", "float", "logfloat")
 SAMPLERS = ("grid", "tpe", "random", "qmc")
 PRUNERS = ("none", "median")
 MODES = ("train", "eval_only", "per_epoch")
+TRIAL_LAUNCHERS = ("auto", "torchrun", "srun")
 DIRECTIONS = ("maximize", "minimize")
 
 DEFAULT_EXPERIMENT_SCHEMA = "illada_lightning.experiment.config:ExperimentConfig"
@@ -145,6 +146,9 @@ class SweepSpec:
     trial_fn: str | None = None  # "module:function" replacing the built-in trial of `mode` (tests, custom work)
     heartbeat_s: int = 10  # Optuna's heartbeat; a RUNNING trial silent for 3x this long is dead (FAIL, retried)
     max_retry: int | None = 3  # reruns of a dead worker's trial (Optuna's RetryHeartbeatStaleTrialCallback)
+    # A trial asking for several devices or nodes runs as its own process group (process_group.py), launched
+    # by torchrun on one node or srun across nodes (auto: srun when num_nodes > 1).
+    trial_launcher: str = "auto"
 
     def validate(self) -> None:
         if not self.name or "/" in self.name:
@@ -170,6 +174,8 @@ class SweepSpec:
                     )
         if self.n_trials is not None and self.n_trials < 1:
             raise ValueError(f"n_trials must be >= 1 (got {self.n_trials})")
+        if self.trial_launcher not in TRIAL_LAUNCHERS:
+            raise ValueError(f"trial_launcher {self.trial_launcher!r} is not one of {', '.join(TRIAL_LAUNCHERS)}")
         if self.n_workers < 1:
             raise ValueError(f"n_workers must be >= 1 (got {self.n_workers})")
         if self.heartbeat_s < 1:

@@ -10,26 +10,29 @@ pruners, and `RetryHeartbeatStaleTrialCallback` for trials whose worker died.
   could both read one WAITING trial and both claim it (then both "finish" it); SQLite transactions here begin
   IMMEDIATE, which makes Optuna's read-check-write of a trial state atomic. (2) Creating a store is not safe
   from two processes at once (MLflow: `duplicate column name`), and "is there work left? then ask()" is two
-  steps: both run under one file lock beside the study, held only for that moment.
+  steps: both run under the study's lock, held only for that moment (`database.py`: a PostgreSQL advisory lock
+  shared by launchers on every host, a file lock beside a SQLite file).
+- A database server (PostgreSQL): connections are tested before use and calls retried across a restart
+  (`database.ReconnectingRDBStorage`); URLs in messages have their password masked.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import warnings
-from pathlib import Path
 
 import optuna
 import sqlalchemy
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
+from ..redact import mask_password
 from ..runs import sqlite_path
+from .database import ReconnectingRDBStorage, creation_lock, server_engine_kwargs
 from .space import param_values, params_key
-from .spec import SweepSpec
-from .tracking import close_runs_of_trial, file_lock
+from .spec import PrunerSpec, SweepSpec
+from .tracking import close_runs_of_trial
 
 SQLITE_BUSY_TIMEOUT_S = 120  # a worker waits this long for another one's write before giving up
 GRACE_HEARTBEATS = 3  # missed beats before a RUNNING trial counts as dead (margin for a loaded machine)
@@ -39,12 +42,6 @@ RETRY_OF = "failed_trial"  # system attr RetryHeartbeatStaleTrialCallback writes
 
 class StorageError(RuntimeError):
     """The Optuna storage URL cannot be opened."""
-
-
-def lock_path(url: str, fallback_dir: Path) -> Path:
-    """`<db>.lock` beside a SQLite file, else `<fallback_dir>/optuna.lock` (a server database)."""
-    path = sqlite_path(url)
-    return path.with_name(path.name + ".lock") if path is not None else fallback_dir / "optuna.lock"
 
 
 def _begin_immediate(conn) -> None:
@@ -68,7 +65,7 @@ class _CloseAndRetry:
 
 def open_storage(url: str, spec: SweepSpec | None = None) -> RDBStorage:
     """Open (and create) the study database, or raise StorageError saying why it cannot be opened."""
-    engine_kwargs = {}
+    engine_kwargs = server_engine_kwargs(url)
     path = sqlite_path(url)
     if path is not None:
         try:
@@ -78,20 +75,28 @@ def open_storage(url: str, spec: SweepSpec | None = None) -> RDBStorage:
         # autocommit driver + explicit BEGIN IMMEDIATE (SQLAlchemy's pysqlite recipe), see the module doc
         engine_kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_S, "isolation_level": None}
     beat = spec.heartbeat_s if spec is not None else None
-    # Two launchers on a fresh SQLite file would both create its schema (alembic's version row collides):
+    storage_class = RDBStorage if path is not None else ReconnectingRDBStorage
+    # Two launchers on a fresh database would both create its schema (alembic's version row collides):
     # creation happens under a lock of its own (not the study's lock, which a caller may already hold).
-    creating = file_lock(path.with_name(path.name + ".create.lock")) if path is not None else contextlib.nullcontext()
-    with creating, warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # heartbeat arguments are flagged experimental
-        try:
-            storage = RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=beat,
-                                 grace_period=GRACE_HEARTBEATS * beat if beat else None,
-                                 heartbeat_stale_trial_callback=_CloseAndRetry(spec) if spec is not None else None)
-        except Exception as exc:  # bad dialect, unreachable server, unwritable file, ...
-            raise StorageError(f"cannot open Optuna storage {url!r}: {type(exc).__name__}: {exc}") from None
+    try:
+        with creation_lock(url), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # heartbeat arguments are flagged experimental
+            storage = storage_class(url, engine_kwargs=engine_kwargs, heartbeat_interval=beat,
+                                    grace_period=GRACE_HEARTBEATS * beat if beat else None,
+                                    heartbeat_stale_trial_callback=_CloseAndRetry(spec) if spec is not None else None)
+    except Exception as exc:  # bad dialect, missing driver, unreachable server, unwritable file, ...
+        hint = _driver_hint(exc)
+        raise StorageError(mask_password(f"cannot open Optuna storage {url!r}: {type(exc).__name__}: {exc}{hint}")
+                           ) from None
     if path is not None:
         sqlalchemy.event.listen(storage.engine, "begin", _begin_immediate)
     return storage
+
+
+def _driver_hint(exc: Exception) -> str:
+    if isinstance(exc, ModuleNotFoundError) and "psycopg" in str(exc):
+        return ' (the PostgreSQL driver: pip install "illada-lightning[cluster]")'
+    return ""
 
 
 def make_sampler(spec: SweepSpec, worker_index: int = 0) -> optuna.samplers.BaseSampler:
@@ -108,17 +113,17 @@ def make_sampler(spec: SweepSpec, worker_index: int = 0) -> optuna.samplers.Base
     return optuna.samplers.RandomSampler(seed=seed)
 
 
-def make_pruner(spec: SweepSpec) -> optuna.pruners.BasePruner:
-    if spec.pruner.type == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=spec.pruner.n_startup_trials,
-                                           n_warmup_steps=spec.pruner.n_warmup_steps)
+def make_pruner(pruner: PrunerSpec) -> optuna.pruners.BasePruner:
+    if pruner.type == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=pruner.n_startup_trials,
+                                           n_warmup_steps=pruner.n_warmup_steps)
     return optuna.pruners.NopPruner()
 
 
 def open_study(spec: SweepSpec, worker_index: int = 0) -> optuna.Study:
     return optuna.create_study(
         study_name=spec.resolved_study_name, storage=open_storage(spec.resolved_storage, spec),
-        direction=spec.objective.direction, sampler=make_sampler(spec, worker_index), pruner=make_pruner(spec),
+        direction=spec.objective.direction, sampler=make_sampler(spec, worker_index), pruner=make_pruner(spec.pruner),
         load_if_exists=True,
     )
 

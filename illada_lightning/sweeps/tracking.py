@@ -18,6 +18,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
 from ..provenance import git_commit
+from ..redact import mask_password
 from ..runs import (
     EXPERIMENT_TAGS,
     PARENT_TAG,
@@ -98,8 +99,9 @@ def ensure_experiment(client: MlflowClient, name: str, tracking_uri: str) -> str
 
 
 def param_str(value: Any) -> str:
+    """A param or tag value as MLflow stores it: JSON for lists and dicts, passwords of URLs masked."""
     text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
-    return text[:MAX_PARAM_LEN]
+    return mask_password(text)[:MAX_PARAM_LEN]
 
 
 def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:

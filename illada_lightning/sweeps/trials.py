@@ -26,6 +26,8 @@ import optuna
 from ..config import flatten, to_dict
 from ..runs import CHECKPOINT_TAG, RUNS_FILE
 from .context import SetupContext, TrialContext
+from .process_group import TrialProcessError, check_finished_in_mlflow, needs_process_group, run_in_process_group
+from .pruning import OptunaPruningCallback
 from .space import param_values
 from .spec import SweepSpec
 from .targets import (
@@ -49,8 +51,11 @@ def _experiment_config(spec: SweepSpec, extra: list[str], run_dir: Path, run_nam
     return target.load([*extra, *bookkeeping])
 
 
-def _train(cfg, run_dir: Path, run_id: str, client, extra_callbacks=()) -> dict:
-    """`run_experiment(cfg)` logging into `run_id` as its parent run; stage runs are closed on failure."""
+def _train(cfg, run_dir: Path, run_id: str, client, extra_callbacks=(), *, spec: SweepSpec, trial=None) -> dict:
+    """`run_experiment(cfg)` logging into `run_id` as its parent run; stage runs are closed on failure.
+
+    In this process, with the pruning callback when `trial` is given; a config asking for several devices or
+    nodes runs as a process group of its own instead (`process_group.py`), reporting to `trial` itself."""
     from ..experiment.run import run_experiment
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -58,8 +63,17 @@ def _train(cfg, run_dir: Path, run_id: str, client, extra_callbacks=()) -> dict:
     if not runs_file.is_file():
         runs_file.write_text(json.dumps({"parent": run_id}, indent=2) + "\n")
     log_params(client, run_id, flatten(to_dict(cfg)))
+    sharded = needs_process_group(cfg)
+    if sharded and extra_callbacks:
+        raise TrialProcessError("this sweep attaches callbacks to training in the worker (a custom schema's "
+                                "per-epoch evaluation), which a trial running as a process group cannot take")
     try:
-        result = run_experiment(cfg, extra_callbacks=list(extra_callbacks), preview=False)
+        if sharded:
+            result = run_in_process_group(cfg, spec, run_dir, trial)
+            check_finished_in_mlflow(client, result)
+        else:
+            pruning = [OptunaPruningCallback(trial, spec.pruner.monitor)] if trial is not None else []
+            result = run_experiment(cfg, extra_callbacks=[*extra_callbacks, *pruning], preview=False)
     except BaseException as exc:
         stages = [r for r in stage_runs(run_dir) if r != run_id]
         close_running(client, stages, "KILLED" if not isinstance(exc, Exception) or _is_pruned(exc) else "FAILED")
@@ -147,8 +161,8 @@ def train_trial(ctx: TrialContext) -> dict[str, float]:
         log_params(ctx.client, ctx.run_id, flatten(to_dict(cfg)))
         metrics, checkpoint = dict(reused["metrics"]), reused["checkpoint"]
     else:
-        callbacks = [ctx.pruning_callback()] if ctx.spec.pruner.type != "none" else []
-        result = _train(cfg, ctx.output_dir, ctx.run_id, ctx.client, callbacks)
+        trial = ctx.trial if ctx.spec.pruner.type != "none" else None
+        result = _train(cfg, ctx.output_dir, ctx.run_id, ctx.client, spec=ctx.spec, trial=trial)
         metrics, checkpoint = training_metrics(result), final_checkpoint(result)
     ctx.trial.set_user_attr("training", {"key": train_key, "checkpoint": str(Path(checkpoint).resolve()),
                                          "metrics": metrics})
@@ -165,7 +179,7 @@ def setup_shared_checkpoint(ctx: SetupContext) -> dict[str, Any]:
         set_tags(ctx.client, ctx.run_id, {CHECKPOINT_TAG: ctx.spec.checkpoint})
         return {"checkpoint": str(Path(ctx.spec.checkpoint).resolve())}
     cfg = _experiment_config(ctx.spec, [], ctx.output_dir, f"{ctx.spec.name}-base", ctx.tracking_uri)
-    result = _train(cfg, ctx.output_dir, ctx.run_id, ctx.client)
+    result = _train(cfg, ctx.output_dir, ctx.run_id, ctx.client, spec=ctx.spec)
     return {"checkpoint": str(Path(final_checkpoint(result)).resolve()), "base_run_id": ctx.run_id}
 
 
@@ -199,7 +213,7 @@ def setup_per_epoch(ctx: SetupContext) -> dict[str, Any]:
         extra, callbacks = [], [PerEpochEvaluation(eval_cfg)]
     cfg = _experiment_config(ctx.spec, [*extra, f"{key}={epochs}"], ctx.output_dir, f"{ctx.spec.name}-base",
                              ctx.tracking_uri)
-    result = _train(cfg, ctx.output_dir, ctx.run_id, ctx.client, callbacks)
+    result = _train(cfg, ctx.output_dir, ctx.run_id, ctx.client, callbacks, spec=ctx.spec)
     runs = result.get("mlflow_runs", {})
     return {"history_run_id": runs.get("sft") or ctx.run_id, "base_run_id": ctx.run_id,
             "checkpoint": str(Path(final_checkpoint(result)).resolve()), "epochs": epochs}

@@ -9,7 +9,9 @@ from collections.abc import Iterable
 from ..config import ConfigError
 from ..evaluation.records import EvalDataError
 from ..evaluation.tasks import get_task, registered_tasks
+from ..redact import mask_password
 from ..runs import EVAL_METRIC_NAMES, TRAINING_METRICS
+from ..training.tracking import server_unreachable
 from .space import format_value, param_values
 from .spec import SweepSpec
 from .study import StorageError, open_storage
@@ -94,9 +96,12 @@ def validate_sweep(spec: SweepSpec, declared_metrics=None) -> None:
             raise ValueError(f"{len(missing)} evaluation task(s) have no data file; point `evaluation.data.<task>=PATH` "
                              "at your copy or drop the task from `evaluation.tasks`:\n" + "\n".join(missing))
         open_storage(spec.resolved_storage)
+        down = server_unreachable(spec.resolved_tracking_uri)  # at once, not after MLflow's minutes of retries
+        if down:
+            raise TrackingError(f"cannot reach the MLflow tracking server {spec.resolved_tracking_uri} ({down})")
         client_for(spec.resolved_tracking_uri).search_experiments(max_results=1)
     except (ValueError, TargetError, StorageError, TrackingError) as exc:
-        raise SweepError(str(exc)) from None
+        raise SweepError(mask_password(str(exc))) from None
     except Exception as exc:
-        raise SweepError(f"cannot open MLflow tracking URI {spec.resolved_tracking_uri!r}: "
-                         f"{type(exc).__name__}: {exc}") from None
+        raise SweepError(mask_password(f"cannot open MLflow tracking URI {spec.resolved_tracking_uri!r}: "
+                                       f"{type(exc).__name__}: {exc}")) from None

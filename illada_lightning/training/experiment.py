@@ -24,6 +24,7 @@ import yaml
 
 from ..checkpoint import atomic_write, load_checkpoint
 from ..config import ConfigError, flatten, to_dict, to_yaml
+from ..redact import mask_password, mask_values
 from ..runs import CONFIG_FILE
 from .config import TrainingConfig
 from .interrupt import GracefulStop, TrainingInterrupted
@@ -42,7 +43,7 @@ def warn_config_drift(cfg: TrainingConfig, saved: Path) -> list[str]:
     if cfg.resume != "auto" or not saved.is_file():
         return []
     before = flatten(yaml.safe_load(saved.read_text()) or {})
-    now = flatten(to_dict(cfg))
+    now = mask_values(flatten(to_dict(cfg)))  # the saved file holds no passwords
     changed = sorted(k for k in set(before) | set(now)
                      if before.get(k) != now.get(k) and k not in ("resume", "progress_bar"))
     if changed:
@@ -54,7 +55,7 @@ def warn_config_drift(cfg: TrainingConfig, saved: Path) -> list[str]:
 def start_tracking(cfg: TrainingConfig, run_dir: Path) -> Tracker | None:
     """Rank 0: save the resolved config and open (or reopen, on resume) the MLflow parent run."""
     warn_config_drift(cfg, run_dir / CONFIG_FILE)
-    text = to_yaml(cfg)
+    text = mask_password(to_yaml(cfg))  # logged as an artifact: credentials stay on the command line
     atomic_write(run_dir / CONFIG_FILE, lambda f: f.write(text.encode()))
     if not cfg.mlflow.enabled:
         return None
@@ -64,7 +65,7 @@ def start_tracking(cfg: TrainingConfig, run_dir: Path) -> Tracker | None:
         tracker.client.log_artifact(tracker.runs["parent"], str(run_dir / CONFIG_FILE))
     except Exception as exc:  # MLflow's errors run to pages: one line naming the store
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"MLflow store {tracking_uri(cfg.mlflow, cfg.runs_root)}: {first}") from exc
+        raise ConfigError(mask_password(f"MLflow store {tracking_uri(cfg.mlflow, cfg.runs_root)}: {first}")) from exc
     return tracker
 
 

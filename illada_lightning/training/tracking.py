@@ -20,6 +20,8 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -32,6 +34,7 @@ from illada_lightning.runs import EXPERIMENT_TAGS, mark_training_experiment
 from .. import runs
 from ..checkpoint import atomic_write
 from ..config import ConfigError, flatten, to_dict
+from ..redact import mask_password, mask_values
 from ..runs import ATTEMPT_TAG, PARENT_TAG, PREVIOUS_ATTEMPT_TAG, RUNS_FILE, STAGE_TAG
 
 log = logging.getLogger(__name__)
@@ -64,25 +67,85 @@ def check_tracking_uri(mlflow_cfg, runs_root: str | Path, timeout_s: float = 10.
             return
         raise ConfigError(f"mlflow.tracking_uri={uri}: directory {db.parent} does not exist; create it, or leave "
                           f"mlflow.tracking_uri unset for {root / 'mlflow.db'}")
-    if uri.startswith(("http://", "https://")):
-        parsed = urlparse(uri)
-        port = parsed.port or (443 if parsed.scheme == "https" else 80)
-        try:
-            socket.create_connection((parsed.hostname, port), timeout=timeout_s).close()
-        except OSError as exc:
-            raise ConfigError(f"mlflow.tracking_uri={uri}: cannot reach the tracking server "
-                              f"({exc.strerror or exc}); start it, fix the URI or set mlflow.enabled=false") from None
+    problem = server_unreachable(uri, timeout_s)
+    if problem:
+        raise ConfigError(f"mlflow.tracking_uri={mask_password(uri)}: cannot reach the tracking server ({problem}); "
+                          "start it, fix the URI or set mlflow.enabled=false")
+
+
+def server_unreachable(uri: str, timeout_s: float = 10.0) -> str | None:
+    """Why an http(s) tracking server cannot be reached (None when it accepts connections, or `uri` is no
+    server): checked with one connection, not MLflow's client, which retries for minutes."""
+    if not uri.startswith(("http://", "https://")):
+        return None
+    parsed = urlparse(uri)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        socket.create_connection((parsed.hostname, port), timeout=timeout_s).close()
+    except OSError as exc:
+        return str(exc.strerror or exc)
+    return None
+
+
+UNSENT_FILE = "mlflow_unsent_metrics.jsonl"
+MISSING_STEPS_TAG = "illada.metrics_missing_steps"
 
 
 class StageLogger(MLFlowLogger):
-    """Lightning's MLflow logger without its status changes: Lightning ends the run FINISHED after every fit
-    and validate (the run then looked finished during training and after kill -9); the Tracker decides."""
+    """Lightning's MLflow logger, bound to one stage run, that never changes the run's status and never loses a
+    metric to a tracking-server outage.
+
+    - Status: Lightning ends the run FINISHED after every fit and validate (the run then looked finished during
+      training and after kill -9); the Tracker decides instead.
+    - Outages: MLflow's client retries each request for about 4 minutes (`MLFLOW_HTTP_REQUEST_MAX_RETRIES`, 7
+      with backoff), so a server down for less than that delays the logging call and loses nothing. Past that,
+      the metrics of the failed call are kept and sent again before the next call; whatever is still unsent
+      when the stage ends is written to `<stage dir>/mlflow_unsent_metrics.jsonl` and its steps are named in
+      the run's tag `illada.metrics_missing_steps` (and in a warning), so a reader of the run sees what is missing.
+    """
+
+    def __init__(self, *args, unsent_file: Path | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.unsent: list[tuple[dict[str, float], int | None]] = []
+        self.unsent_file = unsent_file
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        self.unsent.append((dict(metrics), step))
+        self.flush()
+
+    def flush(self) -> bool:
+        """Send the metrics not sent yet, oldest first; False when the server still refuses them."""
+        while self.unsent:
+            metrics, step = self.unsent[0]
+            try:
+                super().log_metrics(metrics, step)
+            except Exception as exc:  # MLflow's own retries are spent: keep them for the next call
+                log.warning("MLflow server %s unreachable (%s): %d logging call(s) held back, sent when it returns",
+                            mask_password(self._tracking_uri or ""), type(exc).__name__, len(self.unsent))
+                return False
+            self.unsent.pop(0)
+        return True
 
     def finalize(self, status: str = "success") -> None:
-        return
+        if self.flush() or self.unsent_file is None:
+            return
+        steps = sorted({step or 0 for _, step in self.unsent})
+        with open(self.unsent_file, "a") as f:
+            for metrics, step in self.unsent:
+                f.write(json.dumps({"step": step, "metrics": metrics, "time": time.time()}) + "\n")
+        log.warning("%d logging call(s) (steps %s) never reached MLflow; they are in %s", len(self.unsent), steps,
+                    self.unsent_file)
+        try:
+            self.experiment.set_tag(self.run_id, MISSING_STEPS_TAG, ",".join(map(str, steps))[:5000])
+        except Exception:  # still down: the file and the warning say it
+            pass
+        self.unsent = []
 
 
 def ui_command(uri: str) -> str:
+    """How to look at the runs: the `mlflow ui` command for a local store; a server serves its UI itself."""
+    if uri.startswith(("http://", "https://")):
+        return f"{mask_password(uri)} (the tracking server's UI: open it in a browser)"
     return f"mlflow ui --backend-store-uri {uri}"
 
 
@@ -187,13 +250,14 @@ class Tracker:
     def logger(self, stage: str) -> StageLogger:
         """Lightning's MLflow logger bound to the stage's child run (which it never closes)."""
         return StageLogger(experiment_name=self.cfg.mlflow.experiment_name, tracking_uri=self.uri,
-                           run_id=self.stage_run_id(stage), log_model=False)
+                           run_id=self.stage_run_id(stage), log_model=False,
+                           unsent_file=self.run_dir / stage / UNSENT_FILE)
 
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
         existing = self.client.get_run(run_id).data.params
-        items = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in existing]
+        items = [Param(k, str(v)[:6000]) for k, v in mask_values(params).items() if k not in existing]
         for start in range(0, len(items), 100):  # MLflow's per-request limit
             self.client.log_batch(run_id, params=items[start : start + 100])
 
@@ -208,7 +272,7 @@ class Tracker:
 
     def set_tag(self, stage: str, key: str, value: Any) -> None:
         run_id = self.runs["parent"] if stage == "parent" else self.stage_run_id(stage)
-        self.client.set_tag(run_id, key, str(value))
+        self.client.set_tag(run_id, key, mask_password(str(value)))
 
     def log_metrics(self, stage: str, metrics: dict[str, float], step: int | None = None) -> None:
         run_id = self.runs["parent"] if stage == "parent" else self.stage_run_id(stage)
@@ -224,5 +288,5 @@ class Tracker:
 
     def describe(self) -> str:
         parent = self.runs.get("parent")
-        return (f"MLflow store: {self.uri} (experiment '{self.cfg.mlflow.experiment_name}', "
+        return (f"MLflow store: {mask_password(self.uri)} (experiment '{self.cfg.mlflow.experiment_name}', "
                 f"parent run {parent}, child runs {', '.join(f'{k}={v}' for k, v in self.runs.items() if k != 'parent')})")
