@@ -23,6 +23,7 @@ _psql() { su postgres -c "psql -v ON_ERROR_STOP=1 -qAt -c \"$1\""; }
 if [ "$(_psql "SELECT 1 FROM pg_roles WHERE rolname='illada'")" != "1" ]; then
   _psql "CREATE ROLE illada LOGIN PASSWORD '$ILLADA_PG_PASSWORD'"
 fi
+_psql "ALTER ROLE illada CREATEDB PASSWORD '$ILLADA_PG_PASSWORD'"  # tests make a database of their own each
 for _db in illada_optuna illada_mlflow; do
   if [ "$(_psql "SELECT 1 FROM pg_database WHERE datname='$_db'")" != "1" ]; then
     _psql "CREATE DATABASE $_db OWNER illada"

@@ -78,8 +78,10 @@ def _retrying(name: str):
     return call
 
 
-# Every call a sweep makes through a study (asking, telling, attrs, heartbeats, the stale-trial scan).
-for _name in ("create_new_study", "get_study_id_from_name", "get_study_name_from_id", "get_study_directions",
+# Every call a sweep makes through a study (asking, telling, attrs, heartbeats, the stale-trial scan), the
+# private ones Optuna's `_CachedStorage` calls on its backend included.
+for _name in ("_create_new_trial", "_set_trial_param", "_get_best_trial_id", "_get_trials",
+              "create_new_study", "get_study_id_from_name", "get_study_name_from_id", "get_study_directions",
               "get_study_user_attrs", "get_study_system_attrs", "set_study_user_attr", "set_study_system_attr",
               "get_all_studies", "create_new_trial", "set_trial_param", "get_trial_param", "set_trial_state_values",
               "set_trial_intermediate_value", "set_trial_user_attr", "set_trial_system_attr",

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from ..config import ConfigError, load_config, to_yaml
+from ..training.tracking import ui_command
 from .runner import SweepResult, run_sweep
 from .spec import ParamSpec, SweepSpec
 from .validate import SweepError
@@ -124,7 +125,7 @@ def format_result(result: SweepResult) -> str:
         f"sweep study '{result.study_name}': {result.n_complete} complete, {result.n_failed} failed, "
         f"{result.n_pruned} pruned, {result.n_pending} pending",
         f"  Optuna storage: {result.storage}",
-        f"  MLflow parent run: {result.parent_run_id} (mlflow ui --backend-store-uri {result.tracking_uri})",
+        f"  MLflow parent run: {result.parent_run_id} (UI: {ui_command(result.tracking_uri)})",
     ]
     if result.best_params is not None:
         lines.append(f"  best: {result.best_value:.6g} at {result.best_params}")
