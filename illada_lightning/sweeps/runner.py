@@ -27,9 +27,9 @@ from ..redact import mask_password
 from ..runs import SWEEP_NAME_TAG, SWEEP_PARAM_PREFIX, SWEEP_STUDY_TAG, TRIAL_NUMBER_TAG
 from . import trials
 from .context import SetupContext, TrialContext, TrialFn
+from .database import study_lock
 from .space import suggest, to_overrides
 from .spec import SweepSpec
-from .database import study_lock
 from .study import (
     fail_dead_trials,
     not_started,

@@ -26,7 +26,12 @@ import optuna
 from ..config import flatten, to_dict
 from ..runs import CHECKPOINT_TAG, RUNS_FILE
 from .context import SetupContext, TrialContext
-from .process_group import TrialProcessError, check_finished_in_mlflow, needs_process_group, run_in_process_group
+from .process_group import (
+    TrialProcessError,
+    check_finished_in_mlflow,
+    needs_process_group,
+    run_in_process_group,
+)
 from .pruning import OptunaPruningCallback
 from .space import param_values
 from .spec import SweepSpec
