@@ -240,6 +240,15 @@ def test_launch_scripts_build_commands_that_validate(tmp_path, standins):
     assert srun[-1] == ("srun --kill-on-bad-exit=0 --ntasks-per-node=1 bash launch/sweep_node.sh "
                         "sweeps/lr_search.yaml --validate")
 
+    # Array tasks of two nodes (trials over both): one worker in the batch shell, no srun of the script's own.
+    env.update(SLURM_NNODES="2", SLURM_NTASKS="2")
+    out = subprocess.run(["bash", str(LAUNCH / "sweep_workers.slurm"), "sweeps/lr_search.yaml", "--validate"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "worker 0: GPUs 0,1" in out.stdout and "worker 1" not in out.stdout
+    assert out.stdout.count("sweep 'lr_search' is valid") == 1
+    assert (tmp_path / "srun.log").read_text().splitlines() == srun
+
 
 def losses(client, run_id: str) -> dict[int, float]:
     return {m.step: m.value for m in client.get_metric_history(run_id, "train/loss")}
