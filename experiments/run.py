@@ -5,6 +5,7 @@
     python -m experiments.run experiments/configs/small_gpu.yaml
     python -m experiments.run stage=sft init_from=runs/default/pretrain name=sft-only
     python -m experiments.run resume=auto                       # continue an interrupted run
+    python -m experiments.run strategy=fsdp devices=8 --validate   # check the config, train nothing
 
 The config file defaults to experiments/configs/default.yaml; every key of
 `illada_lightning.experiment.ExperimentConfig` can be overridden. All logic lives in
@@ -75,12 +76,17 @@ def main(argv: list[str] | None = None) -> int:
     from illada_lightning.config import ConfigError, load_config
     from illada_lightning.experiment.config import ExperimentConfig
 
-    config_path, overrides = split_args(argv)
+    validate_only = "--validate" in argv
+    config_path, overrides = split_args([a for a in argv if a != "--validate"])
     try:
         cfg = load_config(ExperimentConfig, config_path, overrides)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if validate_only:  # what a launch script runs as a dry run: the command parses, nothing trains
+        print(f"config is valid: stage={cfg.stage} strategy={cfg.strategy} devices={cfg.devices} "
+              f"num_nodes={cfg.num_nodes} resume={cfg.resume} run_dir={cfg.resolved_run_dir}")
+        return 0
     from illada_lightning.experiment.run import run_experiment
     from illada_lightning.training.experiment import TrainingInterrupted, is_rank_zero
 
@@ -90,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as exc:  # a stop signal: checkpoint saved, MLflow runs KILLED
         if is_rank_zero():
             print(f"error: {exc}", file=sys.stderr)
+            if exc.requeue:  # SLURM's time-limit signal: the job was requeued (or the requeue failed)
+                print(exc.requeue, file=sys.stderr)
             print(f"resume with: {resume_command(argv)}", file=sys.stderr)
         return exc.exit_code  # non-zero, so a scheduler does not record success
     except (ConfigError, ValueError, FileNotFoundError, RuntimeError, OSError) as exc:

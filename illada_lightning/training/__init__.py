@@ -13,6 +13,7 @@ not imported here, so `import illada_lightning.training.config` stays cheap.
     tracking.py    MLflow parent run + nested stage runs, truthful statuses, store checks
     step_checkpoint.py   StepCheckpoint (finite weights only, atomic, newest ckpt_keep kept)
     interrupt.py   GracefulStop: SIGTERM / SIGINT / SLURM's signal save the current step and stop
+    slurm.py       under SLURM: the cluster environment, who owns SIGUSR1, the requeue (`scontrol requeue`)
     run_record.py  first losses, initial validation, wall time carried across resumes
     preflight.py   every check before training (run dir, store, init_from, tokenizer, data)
     trainer_factory.py   the module and Trainer of a stage

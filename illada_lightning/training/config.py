@@ -207,6 +207,9 @@ class TrainingConfig:
     activation_checkpointing: bool = False  # recompute each Transformer block in backward
     compile: bool = False  # torch.compile each Transformer block (MaskPredictor.compile_blocks)
     fsdp_cpu_offload: bool = False  # strategy=fsdp on GPU: parameters, gradients, optimizer state in host memory
+    # Under SLURM: SIGUSR1 (`#SBATCH --signal=USR1@90`) saves the step, then `scontrol requeue`s the job, which
+    # resumes (needs resume=auto; training/slurm.py). false: SIGUSR1 saves and stops, like SIGTERM.
+    slurm_requeue: bool = True
     matmul_precision: str | None = None  # torch.set_float32_matmul_precision ("high" on GPUs)
     progress_bar: bool = True
     mlflow: MLflowConfig = field(default_factory=MLflowConfig)

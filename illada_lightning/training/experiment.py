@@ -8,8 +8,9 @@ Order of work, one module per job:
 3. `preview.py`: a few generated answers from the final model.
 
 Every way out closes the MLflow runs truthfully: FINISHED, FAILED (an error, a non-finite stop) or KILLED
-(a stop signal). Distributed runs (one process per device) execute this whole function on every rank; files
-and MLflow are written by rank 0 only, and ranks meet at barriers where one reads what another wrote.
+(a stop signal; SLURM's time-limit signal also requeues the job, slurm.py). Distributed runs (one process per
+device) execute this whole function on every rank; files and MLflow are written by rank 0 only, and ranks meet
+at barriers where one reads what another wrote.
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ import yaml
 from ..checkpoint import atomic_write, load_checkpoint
 from ..config import ConfigError, flatten, to_dict, to_yaml
 from ..redact import mask_password, mask_values
-from ..runs import CONFIG_FILE
+from ..runs import CONFIG_FILE, REQUEUED_TAG
 from .config import TrainingConfig
 from .interrupt import GracefulStop, TrainingInterrupted
 from .preflight import RunDirectoryError, is_rank_zero, preflight, stages_of  # noqa: F401  (public names)
 from .preview import preview_answers
+from .slurm import job_id, request_requeue, requeue_wanted
 from .stage import run_stage
 from .tracking import Tracker, tracking_uri, ui_command
 
@@ -73,6 +75,21 @@ def _exit_status(exc: BaseException) -> str:
     return "KILLED" if isinstance(exc, (TrainingInterrupted, KeyboardInterrupt, SystemExit)) else "FAILED"
 
 
+def _close_interrupted(cfg: TrainingConfig, exc: BaseException, tracker: Tracker | None) -> None:
+    """Close this process's MLflow runs KILLED or FAILED; after SLURM's time-limit signal, then ask for the
+    requeue (rank 0), last: SLURM ends the job as soon as it accepts (slurm.py)."""
+    requeue = isinstance(exc, TrainingInterrupted) and requeue_wanted(cfg, exc.signum)
+    held = tracker.tag_open(REQUEUED_TAG, f"asked for SLURM job {job_id()}") if tracker and requeue else []
+    if tracker is not None:
+        tracker.end(_exit_status(exc))
+    if not (requeue and is_rank_zero()):
+        return
+    accepted, exc.requeue = request_requeue()
+    for run_id in held:
+        tracker.client.set_tag(run_id, REQUEUED_TAG, exc.requeue)
+    log.log(logging.INFO if accepted else logging.ERROR, exc.requeue)
+
+
 def run_training(cfg: TrainingConfig, *, extra_callbacks=(), stage_callbacks=None, preview: bool = True) -> dict:
     """Run the configured stages; returns a result dict (per-stage summaries, MLflow location, samples).
 
@@ -94,8 +111,7 @@ def run_training(cfg: TrainingConfig, *, extra_callbacks=(), stage_callbacks=Non
             callbacks = [*extra_callbacks, *(stage_callbacks(stage) if stage_callbacks else [])]
             result["stages"][stage] = run_stage(cfg, stage, tokenizer, datamodules[stage], tracker, callbacks, stop)
     except BaseException as exc:
-        if tracker is not None:
-            tracker.end(_exit_status(exc))
+        _close_interrupted(cfg, exc, tracker)
         raise
     finally:
         stop.restore()

@@ -4,7 +4,8 @@ Lightning's own SIGTERM handling ends the fit at the next batch without a checkp
 scheduler's pre-emption lost up to `ckpt_every_n_steps` steps and was recorded as a success. Here the signal
 only sets a flag; at the end of the current optimizer step every rank agrees on it, the step is checkpointed,
 training stops, and the stage runner raises `TrainingInterrupted` (MLflow runs KILLED, exit code 128 + the
-signal number). A second Ctrl+C stops at once.
+signal number). A second Ctrl+C stops at once. Under SLURM, SIGUSR1 (the time-limit warning) is ours too, not
+Lightning's, and the job is then requeued: why and how in `slurm.py`.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ import signal
 import threading
 from pathlib import Path
 
-from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Callback
 
 from .finite import agreed
+from .slurm import REQUEUE_SIGNAL, under_slurm
 from .step_checkpoint import StepCheckpoint
 
 log = logging.getLogger(__name__)
@@ -30,14 +31,15 @@ class TrainingInterrupted(RuntimeError):
         super().__init__(message)
         self.signum = signum
         self.exit_code = 128 + signum  # what a shell reports for a process ended by that signal
+        self.requeue: str | None = None  # what became of the SLURM requeue, when one was asked for (slurm.py)
 
 
 def stop_signals() -> list[int]:
-    """SIGTERM and SIGINT; SIGUSR1 too under SLURM (Lightning's SLURMEnvironment default requeue signal,
-    sent before the time limit with `#SBATCH --signal=USR1@90`)."""
+    """SIGTERM and SIGINT; SIGUSR1 too under SLURM (sent before the time limit with `#SBATCH --signal=USR1@90`;
+    the stop is then followed by a requeue, slurm.py)."""
     signals = [signal.SIGTERM, signal.SIGINT]
-    if SLURMEnvironment.detect():
-        signals.append(signal.SIGUSR1)
+    if under_slurm():
+        signals.append(REQUEUE_SIGNAL)
     return signals
 
 

@@ -36,6 +36,7 @@ from ..checkpoint import atomic_write
 from ..config import ConfigError, flatten, to_dict
 from ..redact import mask_password, mask_values
 from ..runs import ATTEMPT_TAG, PARENT_TAG, PREVIOUS_ATTEMPT_TAG, RUNS_FILE, STAGE_TAG
+from .slurm import slurm_tags
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +197,7 @@ class Tracker:
                 "illada.model": self.cfg.model.name}
         if self.commit:
             tags["mlflow.source.git.commit"] = self.commit
-        return tags
+        return {**tags, **slurm_tags()}
 
     def parent_run_id(self) -> str:
         if "parent" not in self.runs:
@@ -229,6 +230,13 @@ class Tracker:
         self.open.append(run.info.run_id)
         self._save_runs()
         return run.info.run_id
+
+    def tag_open(self, key: str, value: str) -> list[str]:
+        """Tag every run this process still holds open (before `end` closes them); returns their ids."""
+        held = [run_id for run_id in self.open if self.status(run_id) == "RUNNING"]
+        for run_id in held:
+            self.client.set_tag(run_id, key, value)
+        return held
 
     def end(self, status: str) -> None:
         """Close every run this process opened and has not closed yet (FINISHED, FAILED or KILLED)."""

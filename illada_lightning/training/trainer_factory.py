@@ -17,8 +17,9 @@ from .callbacks import LossPlateauLRSwitch, NonFiniteLossGuard, ThroughputMonito
 from .config import TrainingConfig
 from .module import DiffusionLMModule, PretrainModule, SFTModule
 from .progress import StepProgressBar
+from .slurm import cluster_environment
 from .step_checkpoint import AtomicCheckpointIO, StepCheckpoint
-from .strategy import make_strategy
+from .strategy import make_strategy, world_size
 
 
 def build_module(cfg: TrainingConfig, stage: str, lr_scale: float = 1.0) -> DiffusionLMModule:
@@ -53,6 +54,11 @@ def stage_callbacks(cfg: TrainingConfig, stage: str, ckpt_dir: Path) -> list[Cal
     return callbacks
 
 
+def _cluster_plugins(cfg: TrainingConfig) -> list:
+    env = cluster_environment(world_size(cfg.accelerator, cfg.devices, cfg.num_nodes), cfg.num_nodes)
+    return [env] if env is not None else []
+
+
 def make_trainer(cfg: TrainingConfig, stage: str, stage_dir: Path, logger, extra_callbacks=()) -> pl.Trainer:
     section = cfg.pretrain if stage == "pretrain" else cfg.sft
     callbacks = stage_callbacks(cfg, stage, stage_dir / "checkpoints") + list(extra_callbacks)
@@ -63,7 +69,8 @@ def make_trainer(cfg: TrainingConfig, stage: str, stage_dir: Path, logger, extra
         accelerator=cfg.accelerator, devices=_devices(cfg.devices), num_nodes=cfg.num_nodes,
         strategy=make_strategy(cfg.strategy, cfg.accelerator, cfg.devices, cfg.num_nodes, precision=cfg.precision,
                                cpu_offload=cfg.fsdp_cpu_offload),
-        plugins=[AtomicCheckpointIO()],
+        # Under SLURM, SLURMEnvironment without Lightning's auto-requeue: SIGUSR1 is GracefulStop's (slurm.py).
+        plugins=[AtomicCheckpointIO(), *_cluster_plugins(cfg)],
         precision=cfg.precision, max_steps=section.max_steps, max_epochs=max_epochs, max_time=section.max_time,
         accumulate_grad_batches=accumulate,
         gradient_clip_val=section.optim.grad_clip or None, gradient_clip_algorithm="norm",
