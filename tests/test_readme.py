@@ -56,6 +56,9 @@ SHORTER = [
                                    "sft.val_every_n_steps=0", "pretrain.limit_val_batches=1",
                                    "sft.limit_val_batches=1", "preview.num_prompts=1"]),
     ("python -m experiments.evaluate", ["limit=8", "scoring.mc_samples=4"]),
+    ("python -m sweeps.run sweeps/lr_search.yaml", ["n_trials=2", "overrides=[stage=pretrain,pretrain.max_steps=4,"
+                                                    "pretrain.val_every_n_steps=2,pretrain.optim.min_lr=1e-5,"
+                                                    "progress_bar=false]"]),
     ("python -m sweeps.run sweeps/scoring_rule.yaml",  # its benchmark tasks need files the project does not ship
      ["checkpoint=runs/default",
       'evaluation.overrides=["tasks=[cloze]","data.cloze=data/corpus/valid.txt","limit=8","scoring.mc_samples=4"]']),
@@ -63,6 +66,16 @@ SHORTER = [
 NOT_HERE = {"pip install": "the install + test command is what CI runs (the test above checks it)"}
 NEEDS_GPU = "# on a GPU"
 NEEDS = "# needs "  # data or checkpoints a user brings: refused with one line naming them
+
+
+CLUSTER = "\n## On a cluster\n"
+
+
+def split_cluster(text: str) -> tuple[str, str]:
+    """(the README without its "On a cluster" section, that section): they run against different machines."""
+    head, _, rest = text.partition(CLUSTER)
+    section, sep, tail = rest.partition("\n## ")
+    return head + sep + tail, section
 
 
 def readme_commands(text: str) -> list[tuple[str, str]]:
@@ -95,7 +108,7 @@ def test_every_readme_command_runs_in_order_on_a_fresh_copy(tmp_path):
            "MLFLOW_TRACKING_URI": ""}
     env.pop("MLFLOW_TRACKING_URI")
     ran, timings = [], []
-    for command, comment in readme_commands(README.read_text()):
+    for command, comment in readme_commands(split_cluster(README.read_text())[0]):
         if any(command.startswith(p) for p in NOT_HERE):
             continue
         if NEEDS_GPU in f"  # {comment}" and not torch.cuda.is_available():
@@ -117,3 +130,75 @@ def test_every_readme_command_runs_in_order_on_a_fresh_copy(tmp_path):
     assert (repo / "runs" / "default" / "sft" / "model.pt").is_file()
     assert any(c.startswith("python -m reports.make") for c in ran)
     print("\n".join(f"{s:6.1f} s  {c}" for s, c in timings))
+
+
+# ----------------------------------------------------------------------------- "On a cluster", real services
+
+def cluster_script(section: str, subs: list[tuple[str, str]], port: int, log: Path) -> str:
+    """The section's commands as one bash script, names pointed at the test's services: the tracking server
+    runs in the background until the script ends; SLURM submissions are left to tests/test_slurm_launch.py."""
+    lines = ["set -euo pipefail"]
+    for command, comment in readme_commands(section):
+        if comment.startswith("needs SLURM"):
+            continue
+        for old, new in subs:
+            command = command.replace(old, new)
+        command = " ".join([command, *map(shlex.quote, shorter(command))])
+        if "leave it running" in comment:
+            lines += [f"{command} >{log} 2>&1 & server=$!", "trap 'kill $server' EXIT",
+                      f"{sys.executable} -c 'from tests.services import wait_healthy; "
+                      f"wait_healthy(\"http://127.0.0.1:{port}\")'"]
+        else:
+            lines.append(command)
+    return "\n".join(lines)
+
+
+@pytest.mark.slow
+def test_cluster_commands_run_against_real_services(tmp_path):
+    import sqlalchemy
+    from mlflow import MlflowClient
+
+    from tests import services
+
+    url = sqlalchemy.make_url(services.need("ILLADA_TEST_PG_URL"))
+    tag = os.urandom(4).hex()
+    role, optuna_db, mlflow_db, port = f"illada_rd_{tag}", f"optuna_{tag}", f"mlflow_{tag}", services.free_port()
+    host = f"{url.host}:{url.port or 5432}"
+    as_postgres = "sudo -u postgres" if shutil.which("sudo") else "runuser -u postgres --"
+    subs = [("sudo -u postgres", as_postgres), ("CREATE ROLE illada ", f"CREATE ROLE {role} "),
+            ("-O illada optuna", f"-O {role} {optuna_db}"), ("-O illada mlflow", f"-O {role} {mlflow_db}"),
+            ("illada@db-host:5432/optuna", f"{role}@{host}/{optuna_db}"),
+            ("illada@db-host:5432/mlflow", f"{role}@{host}/{mlflow_db}"),
+            ("mlflow-host:5000", f"127.0.0.1:{port}"), ("--port 5000", f"--port {port}"), ("change-me", f"pw-{tag}"),
+            ("file:///srv/mlartifacts", (tmp_path / "artifacts").as_uri()), ("--host 0.0.0.0", "--host 127.0.0.1")]
+    section = split_cluster(README.read_text())[1]
+    unused = [old for old, _ in subs if old not in section]
+    assert not unused, f"the README's cluster commands changed; update this test's names: {unused}"
+    repo = fresh_copy(tmp_path / "repo")
+    script = cluster_script(section, subs, port, tmp_path / "mlflow.log")
+    env = {**os.environ, "PYTHONPATH": str(repo), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env.pop("PGPASSWORD", None)
+    try:
+        out = subprocess.run(["bash", "-c", script], cwd=repo, env=env, capture_output=True, text=True, timeout=1800)
+        assert out.returncode == 0, f"{script}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+        assert "2 complete, 0 failed" in out.stdout and f"pw-{tag}" not in out.stdout + out.stderr
+        (tmp_path / "mlflow.log").unlink(missing_ok=True)
+        server = subprocess.Popen(["mlflow", "server", "--backend-store-uri",
+                                   f"postgresql+psycopg://{role}:pw-{tag}@{host}/{mlflow_db}", "--host", "127.0.0.1",
+                                   "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:  # what the UI shows, read back from the server: the sweep's trials and the run, all finished
+            services.wait_healthy(f"http://127.0.0.1:{port}", server)
+            client = MlflowClient(f"http://127.0.0.1:{port}")
+            trials = client.search_runs([client.get_experiment_by_name("lr_search").experiment_id],
+                                        "tags.`sweep.role` = 'trial'")
+            job = client.search_runs([client.get_experiment_by_name("illada-lightning").experiment_id],
+                                     "tags.`illada.experiment` = 'on-the-server'")
+            assert len(trials) == 2 and all(r.info.status == "FINISHED" for r in [*trials, *job]) and len(job) == 3
+        finally:
+            server.terminate()
+            server.wait()
+    finally:
+        drops = [f"DROP DATABASE IF EXISTS {optuna_db} WITH (FORCE)", f"DROP DATABASE IF EXISTS {mlflow_db} WITH (FORCE)",
+                 f"DROP ROLE IF EXISTS {role}"]
+        subprocess.run([*as_postgres.split(), "psql", "-q", *[a for d in drops for a in ("-c", d)]],
+                       capture_output=True)
