@@ -45,11 +45,17 @@ def split_top_level(value: str, sep: str = ",") -> list[str]:
 
 
 def parse_scalar(text: str) -> Any:
-    """`4` → 4, `1e-3` → 0.001, `true` → True, `'a,b'` → 'a,b', anything else → the string."""
+    """`4` → 4, `1e-3` → 0.001, `true` → True, `'a,b'` → 'a,b', `off` → 'off', anything else → the string.
+
+    Only `true`/`false` are booleans (YAML 1.2's rule, as `config.load_config` reads untyped values): `off`,
+    `on`, `yes`, `no` stay words, so `sampler.parallel=off,threshold` sweeps two modes; a boolean option reads
+    the word itself."""
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    if isinstance(value, bool) and text.strip().lower() not in ("true", "false"):
+        return text.strip()
     if isinstance(value, str):  # YAML 1.1 reads `1e-3` as a string
         for convert in (int, float):
             try:
