@@ -19,7 +19,7 @@ from pathlib import Path
 
 from illada_lightning.config import ConfigError, load_config
 
-from ..budget import budget_note, fit_budget, trained_context
+from ..budget import budget_note, fit_sampler, trained_context
 from ..logs import configure_logging
 from ..provenance import git_commit
 from ..runs import (
@@ -170,20 +170,13 @@ def fit_generation_budget(cfg: EvaluateConfig, context: int) -> None:
     """An answer gets at most half the context the checkpoint was trained on (the prompt keeps the rest, cut
     from the left if longer): a budget beyond it is shortened, steps in proportion, with a note on stderr."""
     room = context // 2
-    sampler = cfg.sampler
-    if sampler.budget <= room:
-        return
-    if sampler.variable_length:
-        new = fit_budget(sampler.budget, sampler.steps, room)
-        old, (sampler.max_new_tokens, sampler.steps) = (sampler.budget, sampler.steps), new
-        what = "sampler.max_new_tokens"
-    else:
-        sampler.block_length = min(sampler.resolved_block_length, room)
-        new = fit_budget(sampler.gen_length, sampler.steps, room, sampler.block_length)
-        old, (sampler.gen_length, sampler.steps) = (sampler.gen_length, sampler.steps), new
-        what = "sampler.gen_length"
-    print(budget_note(what, old, new, context, f"; an answer gets at most half of them ({what}=N with "
-                      f"N <= {room} picks another)"), file=sys.stderr)
+    old = cfg.sampler
+    cfg.sampler, what = fit_sampler(old, room)
+    if what is not None:
+        new = cfg.sampler
+        print(budget_note(what, (old.budget, old.steps), (new.budget, new.steps), context,
+                          f"; an answer gets at most half of them ({what}=N with N <= {room} picks another)"),
+              file=sys.stderr)
 
 
 
