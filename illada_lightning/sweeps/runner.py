@@ -23,6 +23,7 @@ import optuna
 from optuna.trial import TrialState
 
 from ..config import flatten
+from ..logs import configure_logging, configured_level
 from ..runs import SWEEP_NAME_TAG, SWEEP_PARAM_PREFIX, SWEEP_STUDY_TAG, TRIAL_NUMBER_TAG
 from . import trials
 from .context import SetupContext, TrialContext, TrialFn
@@ -188,7 +189,9 @@ def _optimize_one(study: optuna.Study, spec: SweepSpec, fn: TrialFn, worker: str
 
 
 def _worker_process(spec: SweepSpec, trial_fn: TrialFn | str | None, worker_index: int,
-                    max_trials: int | None) -> None:
+                    max_trials: int | None, log_level: int | None = None) -> None:
+    if log_level is not None:  # a spawned process starts bare: log as the launching command does
+        configure_logging(log_level)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     worker_loop(spec, trial_fn, worker_index, max_trials)
 
@@ -309,7 +312,8 @@ def run_sweep(spec: SweepSpec, trial_fn: TrialFn | str | None = None, *, n_worke
         else:
             # spawn, not fork: forked children would share the parent's SQLite connections and MLflow client state.
             mp = multiprocessing.get_context("spawn")
-            procs = [mp.Process(target=_worker_process, args=(spec, fn, i, max_trials)) for i in range(workers)]
+            procs = [mp.Process(target=_worker_process, args=(spec, fn, i, max_trials, configured_level()))
+                     for i in range(workers)]
             for p in procs:
                 p.start()
             for p in procs:

@@ -13,6 +13,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
+from ..logs import reapply_logging
 from .callbacks import LossPlateauLRSwitch, NonFiniteLossGuard, ThroughputMonitor
 from .config import TrainingConfig
 from .module import DiffusionLMModule, PretrainModule, SFTModule
@@ -59,6 +60,7 @@ def make_trainer(cfg: TrainingConfig, stage: str, stage_dir: Path, logger, extra
     accumulate = section.accumulate_grad_batches
     val_every = section.val_every_n_steps
     max_epochs = -1 if stage == "pretrain" else section.epochs
+    reapply_logging()  # a sweep imports Lightning after its command configured logging
     return pl.Trainer(
         accelerator=cfg.accelerator, devices=_devices(cfg.devices), num_nodes=cfg.num_nodes,
         strategy=make_strategy(cfg.strategy, cfg.accelerator, cfg.devices, cfg.num_nodes, precision=cfg.precision,
