@@ -17,7 +17,7 @@ from ..logs import reapply_logging
 from .callbacks import LossPlateauLRSwitch, NonFiniteLossGuard, ThroughputMonitor
 from .config import TrainingConfig
 from .module import DiffusionLMModule, PretrainModule, SFTModule
-from .progress import StepProgressBar
+from .progress import progress_callback
 from .step_checkpoint import AtomicCheckpointIO, StepCheckpoint
 from .strategy import make_strategy
 
@@ -50,7 +50,7 @@ def stage_callbacks(cfg: TrainingConfig, stage: str, ckpt_dir: Path) -> list[Cal
     if stage == "pretrain":
         callbacks.append(LossPlateauLRSwitch(section.schedule, section.optim.warmup_steps))
     if cfg.progress_bar:
-        callbacks.append(StepProgressBar(stage, refresh_rate=max(1, section.log_every_n_steps // 2)))
+        callbacks.append(progress_callback(stage, refresh_rate=max(1, section.log_every_n_steps // 2)))
     return callbacks
 
 
