@@ -13,7 +13,6 @@ The config file defaults to experiments/configs/default.yaml; every key of
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import sys
@@ -36,14 +35,45 @@ def resume_command(argv: list[str]) -> str:
     return " ".join(["python -m experiments.run", *(shlex.quote(a) for a in kept), "resume=auto"])
 
 
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes} min {secs} s" if minutes else f"{seconds:.1f} s"
+
+
+def stage_line(stage: str, summary: dict) -> str:
+    """One readable line per stage: `[pretrain] 200 steps in 1 min 5 s (2,310 tokens/s); training loss 8.57 ->
+    6.22; validation loss 8.28 -> 6.61; LR switch to cosine decay at step 150`. Every number of the summary,
+    as JSON, is in the stage's FINISHED file (`<run_dir>/<stage>/FINISHED`)."""
+    if summary.get("skipped"):
+        return f"[{stage}] already finished at step {summary.get('global_step')} (resume=auto): not trained again"
+    parts = [f"{summary.get('global_step')} steps"]
+    if summary.get("wall_time_s") is not None:
+        parts[0] += f" in {_duration(summary['wall_time_s'])}"
+    if summary.get("tokens_per_s_mean"):
+        parts[0] += f" ({summary['tokens_per_s_mean']:,.0f} tokens/s)"
+    if summary.get("resumed_from_step"):
+        parts[0] += f", resumed from step {summary['resumed_from_step']}"
+    first, last = summary.get("first_loss"), summary.get("last_loss")
+    if last is not None:
+        parts.append(f"training loss {first:.2f} -> {last:.2f}" if first is not None else f"training loss {last:.2f}")
+    start, end = summary.get("initial_val_loss"), summary.get("val_loss")
+    if end is not None:
+        parts.append(f"validation loss {start:.2f} -> {end:.2f}" if start is not None else f"validation loss {end:.2f}")
+    if summary.get("lr_switch_step") is not None:
+        parts.append(f"LR switch to cosine decay at step {summary['lr_switch_step']}")
+    if summary.get("rollbacks"):
+        parts.append(f"{summary['rollbacks']} rollback(s) after non-finite values")
+    return f"[{stage}] " + "; ".join(parts)
+
+
 def print_result(result: dict) -> None:
     for stage, summary in result["stages"].items():
-        keys = ("global_step", "first_loss", "last_loss", "initial_val_loss", "val_loss", "tokens_per_s_mean", "wall_time_s",
-                "lr_switch_step", "resumed_from_step", "skipped")
-        shown = {k: summary.get(k) for k in keys if summary.get(k) is not None}
-        print(f"[{stage}] " + json.dumps(shown, default=lambda v: round(v, 4) if isinstance(v, float) else str(v)))
+        print(stage_line(stage, summary))
         if summary.get("summary_covers", "whole run") != "whole run":
             print(f"[{stage}] note: the summary covers {summary['summary_covers']}")
+    if result["stages"]:
+        files = [str(Path(result["run_dir"]) / stage / "FINISHED") for stage in result["stages"]]
+        print(f"stage summaries as JSON: {', '.join(files)}")
     for sample in result.get("samples", []):
         print("-" * 60)
         print(sample["prompt"].rstrip())
