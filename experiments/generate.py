@@ -3,6 +3,7 @@
     python -m experiments.generate ckpt=runs/default prompt="What is 12 + 30?"
     python -m experiments.generate ckpt=runs/default prompt="To be, or" chat_template=false sampler.gen_length=64
     python -m experiments.generate ckpt=runs/default chat=true      # type messages; empty line or /exit quits
+    python -m experiments.generate --show-config                    # every key and its default; runs nothing
 
 Sampler options are the `sampler.*` keys (`illada_lightning.diffusion.sampler.SamplerConfig`): steps,
 gen_length, block_length, remasking, temperature, cfg_scale, variable_length, max_new_tokens, ...
@@ -20,7 +21,7 @@ from dataclasses import asdict, dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from illada_lightning.budget import budget_note, fit_sampler, trained_context  # noqa: E402
-from illada_lightning.config import ConfigError, load_config  # noqa: E402
+from illada_lightning.config import SHOW_CONFIG, ConfigError, load_config, show_config  # noqa: E402
 from illada_lightning.diffusion.sampler_config import SamplerConfig  # noqa: E402  (no torch: typos answer fast)
 from illada_lightning.logs import configure_logging  # noqa: E402
 
@@ -110,6 +111,9 @@ def chat_loop(model, tokenizer, cfg: GenerateConfig, read=input, write=print) ->
 def main(argv: list[str]) -> int:
     if argv[:1] in (["-h"], ["--help"]):
         print(__doc__)
+        return 0
+    if SHOW_CONFIG in argv:
+        print(show_config(GenerateConfig, None, [a for a in argv if a != SHOW_CONFIG]), end="")
         return 0
     configure_logging()
     cfg = load_config(GenerateConfig, None, argv)

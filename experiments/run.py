@@ -5,10 +5,20 @@
     python -m experiments.run experiments/configs/small_gpu.yaml
     python -m experiments.run stage=sft init_from=runs/default/pretrain name=sft-only
     python -m experiments.run resume=auto                       # continue an interrupted run
+    python -m experiments.run --show-config                     # every config key and its value; runs nothing
+    python -m experiments.run --multirun pretrain.optim.lr=1e-3,3e-3 stage=pretrain   # one run per value
 
 The config file defaults to experiments/configs/default.yaml; every key of
-`illada_lightning.experiment.ExperimentConfig` can be overridden. All logic lives in
-`illada_lightning.training.experiment.run_experiment`.
+`illada_lightning.experiment.ExperimentConfig` can be overridden (`--show-config [config.yaml] [key=value ...]`
+prints them all, resolved, as YAML).
+
+--multirun: every `key=a,b,...` becomes a dimension of a grid (a comma inside [] or quotes does not split);
+each grid point is an ordinary run of this command, tracked in the config's MLflow experiment
+(`mlflow.experiment_name`, default illada-lightning) as a trial nested under one sweep parent run. Add
+`seed=0,1,2` to repeat each setting, so the comparison has a standard error. `sweep.<field>=...` sets the sweep
+(`sweep.name=lr`, `sweep.n_workers=2`, `sweep.objective.metric=val/loss`; see sweeps/README.md). The same
+command resumes an interrupted grid; `python -m reports.make --experiment <name>` tabulates it.
+All logic lives in `illada_lightning.experiment.run_experiment` and `illada_lightning.sweeps`.
 """
 
 from __future__ import annotations
@@ -93,6 +103,17 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__)
+        return 0
+    if "--show-config" in argv:  # before the logging set-up and torch: a listing answers at once
+        from illada_lightning.config import ConfigError, show_config
+        from illada_lightning.experiment.config import ExperimentConfig
+
+        config_path, overrides = split_args([a for a in argv if a != "--show-config"])
+        try:
+            print(show_config(ExperimentConfig, config_path, overrides), end="")
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         return 0
     from illada_lightning.logs import configure_logging
 

@@ -142,8 +142,12 @@ def load_config(
     schema: type[T],
     yaml_path: str | Path | None = None,
     overrides: list[str] | tuple[str, ...] = (),
+    *,
+    validate: bool = True,
 ) -> T:
-    """Build a `schema` dataclass instance from its defaults, an optional YAML file and overrides."""
+    """Build a `schema` dataclass instance from its defaults, an optional YAML file and overrides; keys and types
+    are always checked, each group's `validate()` unless `validate=False` (`--show-config` lists the keys of a
+    config that still lacks a required one)."""
     cfg = OmegaConf.structured(schema)
     has_model = any(f.name == "model" for f in dataclasses.fields(schema))
     if yaml_path is not None:
@@ -182,7 +186,8 @@ def load_config(
     except OmegaConfBaseException as exc:
         raise _explain(exc, schema) from None
     try:
-        _validate_tree(obj)
+        if validate:
+            _validate_tree(obj)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     return obj
@@ -208,6 +213,18 @@ def to_yaml(cfg: Any) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
+SHOW_CONFIG = "--show-config"  # every CLI that reads a config: print it resolved (every key) and run nothing
+
+
+def show_config(schema: type, yaml_path: str | Path | None, overrides: list[str]) -> str:
+    """The config a command would run with, as YAML: every key, its value after the YAML file and overrides."""
+    if yaml_path is not None and Path(yaml_path).resolve().is_relative_to(Path.cwd()):
+        yaml_path = Path(yaml_path).resolve().relative_to(Path.cwd())
+    header = f"# {schema.__name__}" + (f" from {yaml_path}" if yaml_path else "") + \
+        (f" with {' '.join(overrides)}" if overrides else "") + "; any key can be overridden as key=value\n"
+    return header + to_yaml(load_config(schema, yaml_path, overrides, validate=False))
+
+
 def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
     """`{"model.n_layers": 4, ...}`: the resolved config as flat params (MLflow logs these)."""
     node = cfg if isinstance(cfg, (dict, list)) else to_dict(cfg)
@@ -224,4 +241,5 @@ def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-__all__ = ["ConfigError", "ModelConfig", "flatten", "load_config", "parse_overrides", "to_dict", "to_yaml"]
+__all__ = ["SHOW_CONFIG", "ConfigError", "ModelConfig", "flatten", "load_config", "parse_overrides", "show_config",
+           "to_dict", "to_yaml"]
