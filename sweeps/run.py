@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     from illada_lightning.config import ConfigError
     from illada_lightning.logs import configure_logging
     from illada_lightning.sweeps import SweepError, load_sweep_spec, run_sweep, validate_sweep
-    from illada_lightning.sweeps.multirun import format_result
+    from illada_lightning.sweeps.multirun import result_text
     from illada_lightning.sweeps.runner import resolve_trial_fn
 
     configure_logging()
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, SweepError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(format_result(result))
+    print(result_text(result, spec))
     return 0 if result.n_pending == 0 else 1
 
 

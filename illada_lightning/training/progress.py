@@ -103,9 +103,9 @@ class StepProgressLines(ProgressBar):
         if not self._enabled or trainer.sanity_checking:
             return
         shown = {k: v for k, v in trainer.callback_metrics.items() if str(k).startswith("val")}
-        if shown:
-            print(f"{self.stage}: step {trainer.global_step}/{self._total} validation: {_metrics_text(shown)}",
-                  flush=True)
+        if shown:  # the validation before training comes before the stage's total is known
+            at = f"{trainer.global_step}/{self._total}" if self._total else str(trainer.global_step)
+            print(f"{self.stage}: step {at} validation: {_metrics_text(shown)}", flush=True)
 
     def _line(self, trainer, pl_module) -> None:
         step, now = trainer.global_step, time.monotonic()
