@@ -7,6 +7,7 @@ import types
 import typing
 
 import pytest
+import yaml
 
 import illada_lightning.config as config_module
 from experiments.generate import GenerateConfig
@@ -36,15 +37,20 @@ def test_every_string_option_keeps_boolean_words_as_written(schema, monkeypatch,
     monkeypatch.setattr(config_module, "_validate_tree", lambda obj: None)  # the words, not each option's choices
     keys = list(string_fields(schema))
     assert len(keys) >= 3, keys
-    for i, key in enumerate(keys):
-        word = WORDS[i % len(WORDS)]
-        cfg = load_config(schema, None, [f"{key}={word}"])
-        assert _get(cfg, key) == word, (key, _get(cfg, key))
-        nested = tmp_path / f"{i}.yaml"  # the same word in a YAML file, nested as the key says
-        parts = key.split(".")
-        nested.write_text("".join(f"{'  ' * d}{p}:\n" for d, p in enumerate(parts[:-1]))
-                          + f"{'  ' * (len(parts) - 1)}{parts[-1]}: {word}\n")
-        assert _get(load_config(schema, nested), key) == word, key
+    words = {key: WORDS[i % len(WORDS)] for i, key in enumerate(keys)}
+    on_the_command_line = load_config(schema, None, [f"{key}={word}" for key, word in words.items()])
+    nested: dict = {}  # the same words in a YAML file, nested as the keys say
+    for key, word in words.items():
+        *groups, leaf = key.split(".")
+        node = nested
+        for group in groups:
+            node = node.setdefault(group, {})
+        node[leaf] = word
+    path = tmp_path / "words.yaml"
+    path.write_text(yaml.safe_dump(nested).replace("'", ""))  # unquoted, as a user writes them
+    in_a_file = load_config(schema, path)
+    for key, word in words.items():
+        assert (_get(on_the_command_line, key), _get(in_a_file, key)) == (word, word), key
 
 
 def _get(cfg, key):
