@@ -3,6 +3,7 @@
     python -m experiments.generate ckpt=runs/default prompt="What is 12 + 30?"
     python -m experiments.generate ckpt=runs/default prompt="To be, or" chat_template=false sampler.gen_length=64
     python -m experiments.generate ckpt=runs/default chat=true      # type messages; empty line or /exit quits
+    python -m experiments.generate --show-config                    # every key and its default; runs nothing
 
 Sampler options are the `sampler.*` keys (`illada_lightning.diffusion.sampler.SamplerConfig`): steps,
 gen_length, block_length, remasking, temperature, cfg_scale, variable_length, max_new_tokens, ...
@@ -10,7 +11,6 @@ gen_length, block_length, remasking, temperature, cfg_scale, variable_length, ma
 
 from __future__ import annotations
 
-import math
 import sys
 
 if __name__ == "__main__" and sys.argv[1:2] in (["-h"], ["--help"]):  # answered before torch is imported
@@ -20,8 +20,8 @@ if __name__ == "__main__" and sys.argv[1:2] in (["-h"], ["--help"]):  # answered
 from dataclasses import asdict, dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from illada_lightning.budget import trained_context  # noqa: E402
-from illada_lightning.config import ConfigError, load_config  # noqa: E402
+from illada_lightning.budget import budget_note, fit_sampler, trained_context  # noqa: E402
+from illada_lightning.config import SHOW_CONFIG, ConfigError, load_config, show_config  # noqa: E402
 from illada_lightning.diffusion.sampler_config import SamplerConfig  # noqa: E402  (no torch: typos answer fast)
 from illada_lightning.logs import configure_logging  # noqa: E402
 
@@ -57,21 +57,16 @@ def _device(name: str):
 
 
 def sampler_options(model, n_prompt: int, cfg: GenerateConfig, context: int | None = None) -> dict:
-    """The sampler options, with a variable-length budget that would run past the context the checkpoint was
-    trained on (`context`, default the model's `max_seq_len`; see `illada_lightning/budget.py`) shortened to what
-    fits (said on stderr; a fixed `gen_length` that does not fit stays an error)."""
-    options = asdict(cfg.sampler)
+    """The sampler options, with a budget that would run past the context the checkpoint was trained on
+    (`context`, default the model's `max_seq_len`) shortened to what fits after the prompt, by the rule
+    evaluation and the preview use (`illada_lightning/budget.py: fit_sampler`), said on stderr."""
     context = context or model.config.max_seq_len
     room = context - n_prompt
-    budget = options["max_new_tokens"] or options["gen_length"]
-    if options["variable_length"] and 0 < room < budget:
-        print(f"note: max_new_tokens {budget} -> {room} (the checkpoint was trained on {context}-token sequences, "
-              f"prompt {n_prompt} tokens)", file=sys.stderr)
-        options["max_new_tokens"] = room
-        # steps in proportion, and a multiple of the number of blocks (the sampler splits them evenly)
-        n_blocks = math.ceil(room / min(options["block_length"] or 32, room))
-        options["steps"] = math.ceil(options["steps"] * room / budget / n_blocks) * n_blocks
-    return options
+    sampler, what = fit_sampler(cfg.sampler, room) if room > 0 else (cfg.sampler, None)
+    if what is not None:
+        print(budget_note(what, (cfg.sampler.budget, cfg.sampler.steps), (sampler.budget, sampler.steps), context,
+                          f", prompt {n_prompt} tokens"), file=sys.stderr)
+    return asdict(sampler)
 
 
 def generate_text(model, tokenizer, text: str, cfg: GenerateConfig) -> str:
@@ -116,6 +111,9 @@ def chat_loop(model, tokenizer, cfg: GenerateConfig, read=input, write=print) ->
 def main(argv: list[str]) -> int:
     if argv[:1] in (["-h"], ["--help"]):
         print(__doc__)
+        return 0
+    if SHOW_CONFIG in argv:
+        print(show_config(GenerateConfig, None, [a for a in argv if a != SHOW_CONFIG]), end="")
         return 0
     configure_logging()
     cfg = load_config(GenerateConfig, None, argv)

@@ -3,14 +3,19 @@
 A model trained on windows of L tokens (the default job fine-tunes on `sft.data.max_seq_len=128`, below the
 `tiny` preset's 256) has never seen positions past L: a budget that pushes the answer beyond them gives
 gibberish, and one that leaves no room for the prompt cannot run at all. `experiments.evaluate`,
-`experiments.generate` and the main job's preview shorten such a budget to what fits, with a note, instead
-of failing. No torch here: these are numbers read from the run's `config.yaml`.
+`experiments.generate` and the main job's preview shorten such a budget to what fits (one rule, `fit_sampler`),
+with a note, instead of failing. Each says how much room an answer gets: `generate` the trained context less
+its prompt, `evaluate` half the trained context (prompts are cut from the left to the rest), the preview the
+SFT window less its longest prompt. No torch here: these are numbers read from the run's `config.yaml`.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
 from pathlib import Path
 
+from .diffusion.sampler_config import SamplerConfig
 from .runs import CONFIG_FILE as RUN_CONFIG  # written into every run directory by training
 
 
@@ -35,20 +40,39 @@ def trained_context(ckpt: str | Path, model_max_len: int) -> int:
     return model_max_len
 
 
-def fit_budget(budget: int, steps: int, room: int, block_length: int | None = None) -> tuple[int, int]:
-    """(budget, steps) with the budget cut to `room` tokens (rounded down to whole blocks when `block_length`
-    is given, as fixed-length generation needs) and the steps scaled in proportion, so the same number of
-    tokens is revealed per step; unchanged when the budget fits."""
+def fit_budget(budget: int, steps: int, room: int, block_length: int, *, whole_blocks: bool = False
+               ) -> tuple[int, int]:
+    """The one budget rule: (budget, steps) cut to `room` tokens, unchanged when the budget fits.
+
+    The budget becomes `room` (rounded down to whole blocks of `block_length` with `whole_blocks`, as
+    fixed-length generation needs; variable-length generation shortens its last block instead). The steps
+    keep the tokens revealed per step, rounded up to a multiple of the number of blocks, because the sampler
+    splits them evenly across blocks (`SamplerConfig.validate`)."""
     if budget <= room:
         return budget, steps
     new = max(1, room)
-    if block_length:
-        block = min(block_length, new)
+    block = max(1, min(block_length, new))
+    if whole_blocks:
         new = new // block * block
-        n_blocks = new // block
-        new_steps = max(n_blocks, steps * new // budget // n_blocks * n_blocks)
-        return new, new_steps
-    return new, max(1, steps * new // budget)
+    n_blocks = math.ceil(new / block)
+    return new, max(1, math.ceil(steps * new / budget / n_blocks)) * n_blocks
+
+
+def fit_sampler(sampler: SamplerConfig, room: int) -> tuple[SamplerConfig, str | None]:
+    """`sampler` with its budget (`max_new_tokens` with `variable_length`, else `gen_length`) fitted to `room`
+    tokens by `fit_budget`, and the key it changed (None: it fits, `sampler` is returned as is).
+    `experiments.generate`, `experiments.evaluate` and the main job's preview all fit through here."""
+    if sampler.budget <= room:
+        return sampler, None
+    block = sampler.resolved_block_length
+    budget, steps = fit_budget(sampler.budget, sampler.steps, room, block, whole_blocks=not sampler.variable_length)
+    if sampler.variable_length:
+        fitted = replace(sampler, max_new_tokens=budget, steps=steps)
+        what = "sampler.max_new_tokens"
+    else:
+        fitted = replace(sampler, gen_length=budget, steps=steps, block_length=min(block, budget))
+        what = "sampler.gen_length"
+    return fitted.validate(), what
 
 
 def budget_note(what: str, old: tuple[int, int], new: tuple[int, int], context: int, why: str) -> str:

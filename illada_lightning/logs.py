@@ -7,6 +7,11 @@ because they are neither ours nor actionable: Lightning's "💡 Tip" advertiseme
 "number of training batches is smaller than the logging interval", which is wrong here: our metrics are
 logged every `log_every_n_steps` optimizer steps counted across epochs, so short SFT epochs lose nothing.
 MLflow's database-migration chatter is lowered to warnings.
+
+Importing Lightning installs its own handler (on the `lightning` logger, format `INFO: ...`), so a rule applied
+before that import is undone: code that builds a Trainer calls `reapply_logging()` first, which restores the
+rules in a process whose command configured them (and does nothing in a library user's process). A sweep's
+spawned worker processes configure themselves as their parent did (`configured_level()`).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ QUIET_WARNINGS = (
 )
 QUIET_LOGGERS = ("mlflow.store.db.utils", "alembic", "alembic.runtime.migration")
 OWN_HANDLER_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric")
+_configured: list[int] = []  # the level `configure_logging` set in this process (empty: never called)
 
 
 class StderrHandler(logging.StreamHandler):
@@ -66,4 +72,17 @@ def configure_logging(level: int = logging.INFO) -> logging.Handler:
         logging.getLogger(name).setLevel(logging.WARNING)
     for pattern in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
+    _configured[:] = [level]
     return handler
+
+
+def configured_level() -> int | None:
+    """The level this process's command configured, None when `configure_logging` was never called."""
+    return _configured[0] if _configured else None
+
+
+def reapply_logging() -> None:
+    """Apply the rules again if this process's command configured them (Lightning, imported since, installed
+    its own handler: every Lightning line would print twice, its advertisements included)."""
+    if _configured:
+        configure_logging(_configured[0])

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .redact import mask_password as _mask
+
 # Layout ------------------------------------------------------------------------------------------------------------
 DEFAULT_RUNS_ROOT = "runs"
 CONFIG_FILE = "config.yaml"
@@ -67,6 +69,31 @@ def sqlite_path(uri: str) -> Path | None:
         return None
     path = uri[len("sqlite:///"):]
     return Path(path).expanduser() if path and path != ":memory:" else None
+
+
+def server_unreachable(uri: str, timeout_s: float = 10.0) -> str | None:
+    """Why an http(s) tracking server cannot be reached (None when it accepts connections, or `uri` is no
+    server): checked with one connection, not MLflow's client, which retries for minutes."""
+    if not uri.startswith(("http://", "https://")):
+        return None
+    from urllib.parse import urlparse
+
+    parsed = urlparse(uri)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    import socket
+
+    try:
+        socket.create_connection((parsed.hostname, port), timeout=timeout_s).close()
+    except OSError as exc:
+        return str(exc.strerror or exc)
+    return None
+
+
+def ui_command(uri: str) -> str:
+    """How to look at the runs: the `mlflow ui` command for a local store; a server serves its UI itself."""
+    if uri.startswith(("http://", "https://")):
+        return f"{_mask(uri)} (served by the tracking server)"
+    return f"mlflow ui --backend-store-uri {uri}"
 
 
 def default_tracking_uri(runs_root: str | Path = DEFAULT_RUNS_ROOT) -> str:

@@ -11,11 +11,45 @@ field of the sweep file (`n_trials=8`, `objective.metric=eval/cloze/acc`, `overr
 from __future__ import annotations
 
 import argparse
+import re
 import sys
+import textwrap
+from pathlib import Path
+
+SWEEPS = Path(__file__).resolve().parent
+
+
+def shipped_sweeps(folder: Path = SWEEPS) -> list[tuple[str, str]]:
+    """(path, one-line description) of every sweep file shipped in `sweeps/`: the first sentence of the comment
+    that opens the file (each file says what it ablates there, so this list cannot go stale)."""
+    out = []
+    for path in sorted(folder.glob("*.yaml")):
+        comment = []
+        for line in path.read_text().splitlines():
+            if not line.startswith("#"):
+                break
+            comment.append(line.lstrip("#").strip())
+        text = " ".join(comment)
+        # the first sentence: up to a full stop before a word, not the one of "Fig. 1", "Eq. 2", "et al."
+        first = re.split(r"(?<!Fig|.Eq| al)\.\s+(?=[A-Za-z])", text, maxsplit=1)[0].rstrip(".") or "(no description)"
+        out.append((f"sweeps/{path.name}", first))
+    return out
+
+
+def epilog() -> str:
+    rows = shipped_sweeps()
+    width = max(len(p) for p, _ in rows) + 2
+    lines = ["shipped sweeps (the comment at the top of each file says more):"]
+    for path, text in rows:
+        wrapped = textwrap.wrap(text, 110 - width - 2) or [""]
+        lines.append(f"  {path:<{width}}{wrapped[0]}")
+        lines += [f"  {'':<{width}}{more}" for more in wrapped[1:]]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sweeps.run", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m sweeps.run", description=__doc__.split("\n\n")[0],
+                                     epilog=epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("spec", help="sweep YAML file (sweeps/*.yaml)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the sweep file")
     parser.add_argument("--validate", action="store_true", help="check the sweep and exit without running trials")
@@ -26,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     from illada_lightning.logs import configure_logging
     from illada_lightning.redact import mask_password
     from illada_lightning.sweeps import SweepError, load_sweep_spec, run_sweep, validate_sweep
-    from illada_lightning.sweeps.multirun import format_result
+    from illada_lightning.sweeps.multirun import result_text
     from illada_lightning.sweeps.runner import resolve_trial_fn
 
     configure_logging()
@@ -41,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, SweepError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(format_result(result))
+    print(result_text(result, spec))
     return 0 if result.n_pending == 0 else 1
 
 

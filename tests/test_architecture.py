@@ -1,6 +1,8 @@
 """The package's architecture, checked: layers only point down, no import cycles, short modules.
 
-Every import counts, also the ones inside functions (an import hidden in a function still ties two modules).
+Every import counts, also the ones inside functions (an import hidden in a function still ties two modules) and
+the type-only ones under `if TYPE_CHECKING:` (a module annotated with another's type depends on its concept:
+that is how `evaluation.config` and `evaluation.tasks` once formed a circle no import ran).
 The layers, low to high (README "Where things are"): a module may import its own layer and the ones below.
 """
 
@@ -35,21 +37,14 @@ def module_name(path: Path) -> str:
 MODULES = {module_name(p): p for p in PACKAGE.rglob("*.py")}
 
 
-def _is_type_checking_block(node) -> bool:
-    return isinstance(node, ast.If) and getattr(node.test, "id", getattr(node.test, "attr", None)) == "TYPE_CHECKING"
-
-
-def imported_modules(name: str) -> set[str]:
-    """Package modules that `name` imports, anywhere in the file (relative imports resolved)."""
+def imported_modules(name: str, source: str | None = None) -> set[str]:
+    """Package modules that `name` imports (its file, or `source` as if it were that file), anywhere in it:
+    function-local and `if TYPE_CHECKING:` imports included, relative imports resolved."""
     path = MODULES[name]
     package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
     found = set()
-    tree = ast.parse(path.read_text())
-    type_only = {id(n) for block in ast.walk(tree) if _is_type_checking_block(block)
-                 for stmt in block.body for n in ast.walk(stmt)}
+    tree = ast.parse(path.read_text() if source is None else source)
     for node in ast.walk(tree):
-        if id(node) in type_only:
-            continue  # `if TYPE_CHECKING:` imports never run
         if isinstance(node, ast.Import):
             targets = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -116,3 +111,18 @@ def test_the_checker_sees_function_local_imports(tmp_path):
     """The cycle and layer checks would be blind without this: an import inside a function is found."""
     found = imported_modules("illada_lightning.evaluation.backends")
     assert "illada_lightning.diffusion.scoring" in found or "illada_lightning.diffusion" in found
+
+
+def test_the_checker_sees_type_only_imports():
+    """A task annotated with the evaluation config's type ties tasks to the config that asks the task registry:
+    the cycle check must see it although the import never runs."""
+    source = "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .config import EvalConfig\n"
+    assert "illada_lightning.evaluation.config" in imported_modules("illada_lightning.evaluation.tasks", source)
+
+
+def test_tasks_own_their_names_and_never_import_the_evaluation_config():
+    config = "illada_lightning.evaluation.config"
+    assert "illada_lightning.evaluation.tasks" in imported_modules(config)  # the config asks the registry
+    task_modules = ["illada_lightning.evaluation.tasks", *sorted(imported_modules("illada_lightning.evaluation.tasks"))]
+    importers = [m for m in task_modules if m.startswith("illada_lightning.evaluation") and config in imported_modules(m)]
+    assert not importers, f"tasks importing the evaluation config (read `examples.TaskSettings` instead): {importers}"

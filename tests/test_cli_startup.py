@@ -68,3 +68,32 @@ def test_generate_typo_is_refused_before_torch_is_imported():
     out, imported, _ = probe("experiments.generate", "prompt=hi", "sampler.stepz=3")
     assert out.returncode == 2 and "sampler.stepz" in out.stderr
     assert "torch" not in imported
+
+
+SHOW = [("experiments.run", ["pretrain.max_steps=7"], "max_steps: 7"),
+        ("experiments.evaluate", ["sampler.parallel=off"], "parallel: 'off'"),
+        ("experiments.generate", [], "block_length: 4")]
+
+
+@pytest.mark.parametrize(("module", "args", "shown"), SHOW, ids=[m for m, _, _ in SHOW])
+def test_show_config_lists_every_key_resolved_without_importing_torch(module, args, shown):
+    import yaml
+
+    out, imported, _ = probe(module, "--show-config", *args)
+    assert out.returncode == 0, out.stderr
+    assert shown in out.stdout and "sampler:" in out.stdout  # nested groups included
+    assert isinstance(yaml.safe_load(out.stdout), dict)  # YAML a user can copy into a config file
+    assert imported == [], f"--show-config imported {imported}"
+
+
+def test_run_help_tells_about_multirun_and_listing_the_keys():
+    out, _, _ = probe("experiments.run", "--help")
+    assert "--multirun" in out.stdout and "--show-config" in out.stdout and "seed=0,1,2" in out.stdout
+
+
+def test_sweeps_help_lists_every_shipped_sweep_with_a_description():
+    out, _, _ = probe("sweeps.run", "--help")
+    for path in sorted((REPO / "sweeps").glob("*.yaml")):
+        line = next((ln for ln in out.stdout.splitlines() if f"sweeps/{path.name}" in ln), "")
+        assert len(line.split(path.name, 1)[1].strip()) > 10, f"{path.name} has no description in:\n{out.stdout}"
+    assert "Scoring-rule ablation (iLLaDA Table 4)" in out.stdout

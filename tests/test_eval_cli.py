@@ -133,9 +133,9 @@ def test_budget_helpers_read_the_trained_context_and_scale_steps(tmp_path):
     assert trained_context(run / "pretrain" / "model.pt", 256) == 96
     assert trained_context(run / "sft", 64) == 64  # never beyond the model's own context
     assert trained_context(tmp_path / "elsewhere.pt", 256) == 256  # no run config: the model's context
-    assert fit_budget(256, 256, 64, block_length=32) == (64, 64)  # whole blocks, steps in proportion
-    assert fit_budget(100, 50, 64) == (64, 32)
-    assert fit_budget(32, 32, 64, block_length=32) == (32, 32)  # fits: unchanged
+    assert fit_budget(256, 256, 64, 32, whole_blocks=True) == (64, 64)  # whole blocks, steps in proportion
+    assert fit_budget(100, 50, 64, 100) == (64, 32)
+    assert fit_budget(32, 32, 64, 32) == (32, 32)  # fits: unchanged
 
 
 def test_cli_shortens_a_generation_budget_the_checkpoint_cannot_hold(tmp_path, tiny, capsys):

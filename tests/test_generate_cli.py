@@ -67,7 +67,10 @@ def test_variable_length_budget_is_shortened_to_the_model_context(ckpt, capsys):
     assert opts["max_new_tokens"] == 200 and opts["steps"] == 200  # 256 - 56, steps scaled alike (50 blocks of 4)
     assert "max_new_tokens 300 -> 200" in capsys.readouterr().err
     fixed = load_config(GenerateConfig, None, [f"ckpt={ckpt}", "prompt=x", "sampler.variable_length=false"])
-    assert sampler_options(model, n_prompt=10, cfg=fixed)["gen_length"] == 128  # fixed length is never changed
+    assert sampler_options(model, n_prompt=10, cfg=fixed)["gen_length"] == 128  # a length that fits is kept
+    opts = sampler_options(model, n_prompt=190, cfg=fixed)  # 66 tokens of room: whole blocks of 4, steps alike
+    assert (opts["gen_length"], opts["steps"], opts["block_length"]) == (64, 64, 4)
+    assert "gen_length 128 -> 64" in capsys.readouterr().err
 
 
 def test_default_budget_is_the_trained_window_less_the_prompt(ckpt, tmp_path, capsys):

@@ -61,3 +61,34 @@ def test_configure_logging_is_idempotent():
     for handler in logging.getLogger().handlers:
         if handler not in before and handler is not first:
             raise AssertionError("a second handler was installed")
+
+
+# A sweep's trial as `experiments.run --multirun` runs it: logging configured first, Lightning imported later
+# (inside the trial), then our trainer factory builds the Trainer. Lightning's own handler printed every line
+# twice (`INFO: ...` and `INFO lightning...: ...`) with its advertisement.
+LATE_IMPORT = """
+from illada_lightning.logs import configure_logging
+configure_logging()
+from illada_lightning.config import load_config
+from illada_lightning.training.config import TrainingConfig
+from illada_lightning.training.trainer_factory import make_trainer
+cfg = load_config(TrainingConfig, None, ["accelerator=cpu", "progress_bar=false"])
+make_trainer(cfg, "pretrain", __import__("pathlib").Path({tmp!r}), None)
+"""
+
+
+def test_lightning_imported_after_configuring_still_prints_each_line_once(tmp_path):
+    out = subprocess.run([sys.executable, "-c", LATE_IMPORT.format(tmp=str(tmp_path))], cwd=REPO,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert sum("GPU available" in line for line in lines) == 1, out.stderr
+    assert not any(line.startswith("INFO: ") for line in lines), out.stderr  # Lightning's own format
+    assert "Tip:" not in out.stderr, out.stderr
+
+
+def test_reapply_does_nothing_where_no_command_configured_logging():
+    script = ("import logging; from illada_lightning.logs import reapply_logging, configured_level\n"
+              "reapply_logging(); assert configured_level() is None and not logging.getLogger().handlers\n")
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr

@@ -125,10 +125,21 @@ def test_every_readme_command_runs_in_order_on_a_fresh_copy(tmp_path):
             continue
         assert out.returncode == 0, f"README command failed: {full}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
         assert "Traceback" not in out.stderr, out.stderr
+        # Output to a pipe, as a user redirecting to a file sees it: plain progress lines, each log line once
+        # in our format (not Lightning's own `INFO: ...` beside it), no advertisements.
+        assert "\r" not in out.stdout, out.stdout[-2000:]
+        assert "Tip:" not in out.stderr and not re.search(r"^INFO: ", out.stderr, re.M), out.stderr[-3000:]
+        if command.startswith("python -m experiments.run --multirun"):  # tracked beside the main job, judged
+            assert "experiment 'illada-lightning'" in out.stdout and "`val/loss`" in out.stdout, out.stdout
+            assert "python -m reports.make --experiment illada-lightning" in out.stdout
         ran.append(command)
     assert any(c == "python -m experiments.run" for c in ran)  # the main job itself, not only its variants
     assert (repo / "runs" / "default" / "sft" / "model.pt").is_file()
     assert any(c.startswith("python -m reports.make") for c in ran)
+    # the first hour's report holds the multirun (it is in the experiment the README names) as a loss table
+    report = (repo / "runs" / "reports" / "illada-lightning" / "report.md").read_text()
+    assert "## Sweep `multirun-" in report and "### `val/loss` by pretrain.optim.lr" in report, report[:3000]
+    assert "n unknown" not in report and "× task" not in report
     print("\n".join(f"{s:6.1f} s  {c}" for s, c in timings))
 
 

@@ -219,3 +219,47 @@ def test_sft_epoch_plot_draws_error_bars(tmp_path, monkeypatch):
     plots.plot_epoch_curve({"toy (acc)": [(1, 30.0, 4.6), (2, 45.0, 5.0)]}, tmp_path / "e.png")
     (container,) = seen[0]
     assert container.has_yerr
+
+
+def _loss_sweep(client, exp, name, losses):
+    """A `--multirun` over the learning rate on `val/loss` (minimize): {(lr, seed): val/loss}."""
+    space = ["pretrain.optim.lr", *(["seed"] if any(seed is not None for _, seed in losses) else [])]
+    parent = _run(client, exp, f"sweep-{name}", {
+        "sweep.role": "parent", "sweep.name": name, "sweep.study": name, "sweep.space": json.dumps(space),
+        "sweep.objective": "val/loss", "sweep.direction": "minimize", "sweep.mode": "train",
+        "sweep.sampler": "grid"})
+    for number, ((lr, seed), loss) in enumerate(losses.items()):
+        params = {"pretrain.optim.lr": lr, **({"seed": seed} if seed is not None else {})}
+        _trial(client, exp, parent, number, params, {"val/loss": loss, "train/loss": loss + 0.1})
+    return parent
+
+
+def test_a_loss_only_sweep_reads_as_one_and_prints_the_reports_verdict(tmp_path):
+    """A search on `val/loss` said "(n unknown)" in every cell, was headed "× task" and carried the accuracy
+    footnote; and `--multirun` printed `best: 6.33912` while the report said "tie within noise"."""
+    from illada_lightning.reporting.tables import LOSS_NOTE, NOTE
+    from illada_lightning.reporting.verdict import sweep_verdict
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("illada-lightning", artifact_location=(tmp_path / "art").as_uri())
+    once = _loss_sweep(client, exp, "multirun-once", {(0.001, None): 6.8123, (0.003, None): 6.3391})
+    seeds = _loss_sweep(client, exp, "multirun-seeds", {
+        (0.001, 0): 6.81, (0.001, 1): 6.83, (0.001, 2): 6.80, (0.003, 0): 6.34, (0.003, 1): 6.31, (0.003, 2): 6.35})
+    md = build_report(uri, sweep="multirun-once", out_root=tmp_path, log_artifact=False).path.read_text()
+    assert "### `val/loss` by pretrain.optim.lr" in md and "× task" not in md
+    assert "| pretrain.optim.lr | val/loss | runs |" in md and "| 0.003 | 6.3391 | 1 |" in md
+    assert "n unknown" not in md and LOSS_NOTE in md and NOTE not in md
+    verdict = sweep_verdict(uri, once)
+    assert verdict.startswith("No best setting named: the noise is unknown") and "`val/loss`" in verdict
+    assert "pretrain.optim.lr=0.003 (6.3391)" in verdict and "seed=0,1,2" in verdict
+    assert verdict in md  # the terminal and the report say the same
+
+    md = build_report(uri, sweep="multirun-seeds", out_root=tmp_path, log_artifact=False).path.read_text()
+    verdict = sweep_verdict(uri, seeds)
+    # three seeds a setting: 6.3333 ± 0.0120 vs 6.8133 ± 0.0088, far beyond the noise: the lower loss is named
+    assert verdict.startswith("Best setting: pretrain.optim.lr=0.003, `val/loss` = 6.3333 ± 0.0120") and verdict in md
+    assert "| 0.003 | 6.3333 ± 0.0120 | 3 |" in md and "over seed" in md
+    # the experiment report holds both sweeps, and is not attached to either sweep's parent run
+    report = build_report(uri, experiment="illada-lightning", out_root=tmp_path)
+    assert report.path.read_text().count("## Sweep `") == 2 and not set(report.logged_to) & {once, seeds}

@@ -188,3 +188,19 @@ def test_sft_per_epoch_evaluation_from_config_logs_one_point_per_epoch(tmp_path,
                                                                       "eval/synthetic/exact_match")
     assert sorted(m.step for m in history) == [1, 2, 3]
     assert all(0.0 <= m.value <= 1.0 for m in history)
+
+
+def test_stage_summaries_print_as_sentences_with_the_json_beside(capsys):
+    """The main job's stage summaries were raw JSON lines; now one readable line each, the JSON in FINISHED."""
+    from experiments.run import print_result
+
+    summary = {"global_step": 200, "first_loss": 8.5712, "last_loss": 6.2203, "initial_val_loss": 8.281,
+               "val_loss": 6.6149, "wall_time_s": 65.3, "tokens_per_s_mean": 2310.4, "lr_switch_step": 150,
+               "rollbacks": 0, "resumed_from_step": None, "summary_covers": "whole run"}
+    print_result({"run_dir": "runs/default", "samples": [],
+                  "stages": {"pretrain": summary, "sft": {**summary, "skipped": True, "lr_switch_step": None}}})
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == ("[pretrain] 200 steps in 1 min 5 s (2,310 tokens/s); training loss 8.57 -> 6.22; "
+                      "validation loss 8.28 -> 6.61; LR switch to cosine decay at step 150")
+    assert out[1].startswith("[sft] already finished at step 200")
+    assert "{" not in "\n".join(out) and "runs/default/pretrain/FINISHED" in out[2]

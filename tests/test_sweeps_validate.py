@@ -185,7 +185,9 @@ def test_launch_multirun_runs_a_grid_and_resumes(tmp_path, capsys):
             f"sweep.output_dir={tmp_path / 'mr'}", f"sweep.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
     result = launch_multirun(args)
     assert (result.n_complete, result.best_value) == (4, pytest.approx(0.57))
-    assert "4 complete" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "4 complete" in out and "`eval/toy/acc`" in out  # the verdict names the metric it judges
+    assert "report: python -m reports.make --sweep multirun-" in out
     again = launch_multirun(args)
     assert again.n_complete == 4 and again.parent_run_id == result.parent_run_id
 
@@ -245,3 +247,18 @@ def test_sweeps_run_cli_validates_and_reports_errors(tmp_path, capsys, store):
     assert "task 'nosuch' is not a registered evaluation task" in capsys.readouterr().err
     assert main([str(REPO / "sweeps" / "lr_search.yaml"), "--validate", *common, "n_workerz=2"]) == 2
     assert "n_workerz" in capsys.readouterr().err
+
+
+def test_multirun_is_tracked_where_experiments_run_tracks_a_run(tmp_path):
+    """`experiments.run --multirun` landed in an experiment of its own (`multirun-<hash>`), so the README's next
+    command (`reports.make --experiment illada-lightning`) and its UI steps could not show it."""
+    spec = parse_multirun(["--multirun", "pretrain.optim.lr=1e-3,3e-3", "stage=pretrain"])
+    assert spec.name.startswith("multirun-") and spec.resolved_mlflow_experiment == "illada-lightning"
+    mine = parse_multirun(["--multirun", "pretrain.optim.lr=1e-3,3e-3", "mlflow.experiment_name=mine",
+                           f"runs_root={tmp_path}"])
+    assert mine.resolved_mlflow_experiment == "mine"
+    assert mine.resolved_tracking_uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert mine.resolved_output_dir == tmp_path / "sweeps" / mine.name
+    told = parse_multirun(["--multirun", "pretrain.optim.lr=1e-3,3e-3", "sweep.mlflow_experiment=lr",
+                           "sweep.tracking_uri=sqlite:///x.db"])
+    assert (told.resolved_mlflow_experiment, told.resolved_tracking_uri) == ("lr", "sqlite:///x.db")

@@ -17,9 +17,9 @@ import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from illada_lightning.config import ConfigError, load_config
+from illada_lightning.config import SHOW_CONFIG, ConfigError, load_config, show_config
 
-from ..budget import budget_note, fit_budget, trained_context
+from ..budget import budget_note, fit_sampler, trained_context
 from ..logs import configure_logging
 from ..provenance import git_commit
 from ..runs import (
@@ -53,14 +53,13 @@ class EvaluateConfig(EvalConfig):
 
 def parse_args(argv: list[str]) -> EvaluateConfig:
     """`key=value` overrides; `config=FILE.yaml` first loads a YAML file."""
-    yaml_path = None
-    overrides = []
-    for arg in argv:
-        if arg.startswith("config="):
-            yaml_path = arg.split("=", 1)[1]
-        else:
-            overrides.append(arg)
-    return load_config(EvaluateConfig, yaml_path, overrides)
+    return load_config(EvaluateConfig, *split_args(argv))
+
+
+def split_args(argv: list[str]) -> tuple[str | None, list[str]]:
+    """(the `config=FILE.yaml` path or None, the other `key=value` overrides)."""
+    yaml_path = next((a.split("=", 1)[1] for a in argv if a.startswith("config=")), None)
+    return yaml_path, [a for a in argv if not a.startswith("config=")]
 
 
 def output_dir(cfg: EvaluateConfig) -> Path:
@@ -170,20 +169,13 @@ def fit_generation_budget(cfg: EvaluateConfig, context: int) -> None:
     """An answer gets at most half the context the checkpoint was trained on (the prompt keeps the rest, cut
     from the left if longer): a budget beyond it is shortened, steps in proportion, with a note on stderr."""
     room = context // 2
-    sampler = cfg.sampler
-    if sampler.budget <= room:
-        return
-    if sampler.variable_length:
-        new = fit_budget(sampler.budget, sampler.steps, room)
-        old, (sampler.max_new_tokens, sampler.steps) = (sampler.budget, sampler.steps), new
-        what = "sampler.max_new_tokens"
-    else:
-        sampler.block_length = min(sampler.resolved_block_length, room)
-        new = fit_budget(sampler.gen_length, sampler.steps, room, sampler.block_length)
-        old, (sampler.gen_length, sampler.steps) = (sampler.gen_length, sampler.steps), new
-        what = "sampler.gen_length"
-    print(budget_note(what, old, new, context, f"; an answer gets at most half of them ({what}=N with "
-                      f"N <= {room} picks another)"), file=sys.stderr)
+    old = cfg.sampler
+    cfg.sampler, what = fit_sampler(old, room)
+    if what is not None:
+        new = cfg.sampler
+        print(budget_note(what, (old.budget, old.steps), (new.budget, new.steps), context,
+                          f"; an answer gets at most half of them ({what}=N with N <= {room} picks another)"),
+              file=sys.stderr)
 
 
 
@@ -223,11 +215,16 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         print("registered tasks: " + ", ".join(registered_tasks()))
         print("keys: " + ", ".join(f.name for f in fields(EvaluateConfig)))
+        print("every key, nested ones included, with its value: python -m experiments.evaluate --show-config "
+              "[key=value ...]")
         return 0
     configure_logging()
     from .records import EvalDataError
 
     try:
+        if SHOW_CONFIG in argv:
+            print(show_config(EvaluateConfig, *split_args([a for a in argv if a != SHOW_CONFIG])), end="")
+            return 0
         cfg = parse_args(argv)  # before torch is imported: a typo is answered at once
         run_evaluation(cfg)
     # ValueError covers CheckpointError and the settings checks of the runner and sampler.

@@ -14,13 +14,10 @@ from __future__ import annotations
 import random
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from .examples import MultipleChoiceExample
+from .examples import MultipleChoiceExample, TaskSettings
 from .records import EvalDataError
-
-if TYPE_CHECKING:
-    from .config import EvalConfig
 
 _HEADING = re.compile(r"^\s*=.*=\s*$")  # WikiText headings are not running text
 
@@ -71,7 +68,16 @@ def make_cloze_examples(text: str, *, n_items: int, n_choices: int, context_word
     return out
 
 
-def load_cloze(cfg: EvalConfig, path: Path) -> list[MultipleChoiceExample]:
+class ClozeSettings(TaskSettings, Protocol):
+    """What the cloze task reads besides the common settings (`EvalConfig.cloze_*`)."""
+
+    cloze_items: int
+    cloze_choices: int
+    cloze_context_words: int
+    cloze_continuation_words: int
+
+
+def load_cloze(cfg: ClozeSettings, path: Path) -> list[MultipleChoiceExample]:
     return make_cloze_examples(
         path.read_text(encoding="utf-8"), n_items=cfg.cloze_items, n_choices=cfg.cloze_choices,
         context_words=cfg.cloze_context_words, continuation_words=cfg.cloze_continuation_words,

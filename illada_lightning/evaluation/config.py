@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 
 from ..diffusion.sampler_config import SamplerConfig
 from ..diffusion.scoring_config import ScoringConfig
+from .tasks import check_task_names
 
 
 def eval_sampler_defaults() -> SamplerConfig:
@@ -23,7 +24,8 @@ def eval_sampler_defaults() -> SamplerConfig:
 
 @dataclass
 class EvalConfig:
-    # Registered task names (see `evaluation.tasks.registered_tasks()`).
+    # Registered task names (see `evaluation.tasks.registered_tasks()`); each task reads the settings below
+    # through `examples.TaskSettings`.
     tasks: list[str] = field(default_factory=lambda: ["cloze"])
     # Multiple choice: `scoring.rule` = iLLaDA Eq. 2 ("confidence", the paper's default) or LLaDA Eq. 6
     # ("likelihood"; LLaDA B.6: `scoring.mc_samples=128` are enough for stable multi-token answers).
@@ -83,9 +85,7 @@ class EvalConfig:
                 group.validate()
             except ValueError as exc:
                 raise ValueError(f"eval config: {exc}") from None
-        # Task names are checked against the registry here so a typo fails before a model is loaded.
-        from .tasks import check_task_names
-
+        # The registry owns the task names (tasks never import this config): a typo fails before a model loads.
         check_task_names([*self.tasks, *self.data, *self.fewshot])
         return self
 

@@ -1,8 +1,26 @@
-"""The two kinds of evaluation example every task produces, as plain text (the runner tokenises)."""
+"""The task interface: what a task reads of the evaluation settings (`TaskSettings`) and the two kinds of
+example it produces, as plain text (the runner tokenises).
+
+Tasks read their settings through this protocol, never through `EvalConfig` itself: the config asks the task
+registry (`tasks.py`) which names exist, so a task importing the config would close a circle.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
+
+
+class TaskSettings(Protocol):
+    """The evaluation settings every task may read (`EvalConfig` has them all)."""
+
+    seed: int  # seeds few-shot draws and generated items
+    data: dict[str, str]  # task name -> data file, replacing the task's default path
+    chat_template: bool | None  # None: the task's own default
+
+    def fewshot_for(self, task: str, task_default: int) -> int:
+        """Few-shot examples for `task` (its own default unless the settings say otherwise)."""
+        ...
 
 
 @dataclass

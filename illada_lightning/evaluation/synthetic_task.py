@@ -11,14 +11,10 @@ assistant turn is the reference); prompts go through the chat template by defaul
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from .answers import extract_answer
-from .examples import GenerationExample
+from .examples import GenerationExample, TaskSettings
 from .records import Record, read_jsonl
-
-if TYPE_CHECKING:
-    from .config import EvalConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_PATH = REPO_ROOT / "data" / "instruct" / "test.jsonl"
@@ -40,5 +36,5 @@ def synthetic_example(record: Record, doc_id: str) -> GenerationExample:
     return GenerationExample(doc_id, prompt, target, [dict(m) for m in history], record.where)
 
 
-def load_synthetic(cfg: EvalConfig, path: Path) -> list[GenerationExample]:
+def load_synthetic(cfg: TaskSettings, path: Path) -> list[GenerationExample]:
     return [synthetic_example(record, str(i)) for i, record in enumerate(read_jsonl(path))]

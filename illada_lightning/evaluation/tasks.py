@@ -1,8 +1,12 @@
 """The task registry: every evaluation task by name, and the one multiple-choice pipeline they share.
 
-A task turns an `EvalConfig` into a list of examples (`examples.py`): `MultipleChoiceExample`s, scored with
+A task turns the evaluation settings (`examples.TaskSettings`, which `EvalConfig` satisfies) into a list of
+examples (`examples.py`): `MultipleChoiceExample`s, scored with
 either rule of iLLaDA §2.3 / LLaDA Eq. 6, or `GenerationExample`s, answered with the sampler and compared by
-exact match. A new multiple-choice benchmark is one adapter in `formats.py` plus one `register_task` call here.
+exact match. A new multiple-choice benchmark is one adapter in `formats.py` plus one `multiple_choice_task` call
+here; any other task is `register_task(Task(name, kind, load, ...))` with `load(settings, path) -> examples`.
+The registry owns the task names: `EvalConfig.validate` asks it (`check_task_names`); tasks never import the
+config.
 
 Default data paths point into `../shared/data/` beside the repository (see its README); a user points a task
 elsewhere with `data.<task>=PATH`. Relative paths resolve against the working directory.
@@ -14,14 +18,10 @@ import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from . import answers, formats
-from .examples import GenerationExample, MultipleChoiceExample
+from .examples import GenerationExample, MultipleChoiceExample, TaskSettings
 from .records import EvalDataError, Record, read_csv, read_jsonl, read_lines, require_file
-
-if TYPE_CHECKING:
-    from .config import EvalConfig
 
 Example = MultipleChoiceExample | GenerationExample
 # Where the staged public data sets live: `../shared/data` next to the repository root.
@@ -37,7 +37,7 @@ class UnknownTaskError(ValueError):
 class Task:
     name: str
     kind: str  # MULTIPLE_CHOICE | GENERATION
-    load: Callable[[EvalConfig, Path | None], list]  # (cfg, data path) -> examples
+    load: Callable[[TaskSettings, Path | None], list]  # (settings, data path) -> examples
     default_path: Path | None = None  # None: the task generates its data (a path is optional)
     expects: str = ""  # what file the task reads, for error messages
     num_fewshot: int = 0
@@ -45,17 +45,17 @@ class Task:
     extract: Callable[[str], str] = answers.extract_answer  # generation: model output -> answer
     stop_strings: tuple[str, ...] = ()  # generation with plain-text prompts: where the answer has ended
 
-    def data_path(self, cfg: EvalConfig) -> Path | None:
+    def data_path(self, cfg: TaskSettings) -> Path | None:
         if self.name in cfg.data:
             return require_file(cfg.data[self.name], self.name, self.expects)
         if self.default_path is None:
             return None
         return require_file(self.default_path, self.name, self.expects)
 
-    def examples(self, cfg: EvalConfig) -> list[Example]:
+    def examples(self, cfg: TaskSettings) -> list[Example]:
         return self.load(cfg, self.data_path(cfg))
 
-    def uses_chat(self, cfg: EvalConfig) -> bool:
+    def uses_chat(self, cfg: TaskSettings) -> bool:
         return self.chat if cfg.chat_template is None else cfg.chat_template
 
 
@@ -131,7 +131,7 @@ def multiple_choice_task(name: str, adapter: Adapter, default_path: Path, expect
     """A registered multiple-choice task from a format adapter; the train split (for few-shot) is the file
     `train_path(eval_path)` when it exists."""
 
-    def load(cfg: EvalConfig, path: Path) -> list[MultipleChoiceExample]:
+    def load(cfg: TaskSettings, path: Path) -> list[MultipleChoiceExample]:
         examples = adapt_records(reader(path), adapter)
         k = cfg.fewshot_for(name, num_fewshot)
         train = train_path(path) if train_path is not None else None
@@ -195,7 +195,7 @@ multiple_choice_task(
 )
 
 
-def load_gsm8k(cfg: EvalConfig, path: Path) -> list[GenerationExample]:
+def load_gsm8k(cfg: TaskSettings, path: Path) -> list[GenerationExample]:
     """GSM8K: `Question: ...\\nAnswer:` prompts, k solved train-split examples first (LLaDA Table 1: 4-shot);
     the reference is the number after `####`; few-shot solutions lose their `<<calculator>>` annotations."""
     records = list(read_jsonl(path))

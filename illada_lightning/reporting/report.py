@@ -128,7 +128,9 @@ def sweep_section(parent: RunRecord, tree: list[RunRecord], cited: dict[str, Run
 
 
 def best_setting_line(trials: list[RunRecord], keys: list[str], objective: str | None, direction: str | None) -> str:
-    """"Best setting: ..." only when it leads the runner-up by more than the noise; else "tie within noise"."""
+    """"Best setting: ..." only when it leads the runner-up by more than the noise; else "tie within noise", or
+    "the noise is unknown" when there is no standard error to judge by. `python -m experiments.run --multirun`
+    and `sweeps.run` print the same sentence (`reporting.verdict`)."""
     metric = EVAL_KEY.match(objective or "")
     scored = setting_estimates(trials, keys, objective, metric.group(2) if metric else "") if objective else []
     if not scored:
@@ -143,10 +145,13 @@ def best_setting_line(trials: list[RunRecord], keys: list[str], objective: str |
         return (f"Best setting: {best}, `{objective}` = {top.text(unit=True)}; ahead of the next ({second}: "
                 f"{runner.text(unit=True)}) by {top.points(runner)}, more than twice the standard error of the "
                 f"difference.")
-    why = "no standard error was logged, so the noise is unknown" if ahead is None else \
-        "less than twice the standard error of the difference"
+    if ahead is None:  # one run per setting and no standard error logged (a training loss, say)
+        return (f"No best setting named: the noise is unknown (no standard error of `{objective}` was logged and "
+                f"each setting ran once; repeat each over seeds, e.g. `seed=0,1,2`, to measure it). The top two: "
+                f"{best} ({top.text(unit=True)}) and {second} ({runner.text(unit=True)}), {top.points(runner)} apart.")
     return (f"No best setting: tie within noise. The top two on `{objective}`, {best} ({top.text(unit=True)}) and "
-            f"{second} ({runner.text(unit=True)}), differ by {top.points(runner)}: {why}.")
+            f"{second} ({runner.text(unit=True)}), differ by {top.points(runner)}: less than twice the standard "
+            f"error of the difference.")
 
 
 def _epoch_series_from_trials(trials: list[RunRecord], keys: list[str], objective: str | None) -> dict:
@@ -327,8 +332,8 @@ def build_report(
     markdown = "\n".join(lines).rstrip() + "\n"
     report = Report(name, out_dir, markdown, plots, sorted(cited.values(), key=RunRecord.sort_key))
     report.path.write_text(markdown)
-    if log_artifact:
-        report.logged_to = log_report(client, report, parents, scope)
+    if log_artifact:  # an experiment report (it may hold a multirun's sweep) is never a sweep's artifact
+        report.logged_to = log_report(client, report, parents if kind == "sweep" else [], scope)
     return report
 
 

@@ -22,6 +22,8 @@ from .collect import RunRecord
 PERCENT_METRICS = ("acc", "acc_norm", "accuracy", "exact_match", "em", "f1")
 NOTE = ("Accuracy-like metrics in %, ± standard error (binomial, from the n items evaluated; for several runs of "
         "a setting, the larger of that and their spread).")
+LOSS_NOTE = ("Final losses as training logged them (lower is better); a setting with several runs (seeds) shows "
+             "their mean ± standard error of the mean, a single run has none.")
 PRIMARY_ORDER = ("acc", "exact_match", "acc_norm", "accuracy", "em", "f1")
 EVAL_KEY = re.compile(r"^eval/([^/]+)/([^/]+)$")
 
@@ -80,7 +82,7 @@ class Estimate:
             out += f" ± {self.se * self.scale:.{digits}f}"
         if unit and self.scale > 1:
             out += " %"
-        if with_n:
+        if with_n and (self.n or self.scale > 1):  # a loss has no item count to miss
             out += f", {self.n_text()}" if unit else f" ({self.n_text()})"
         return out
 
@@ -171,7 +173,10 @@ def _row_order(values: list) -> list:
     return seen
 
 
-def title_for(keys: list[str]) -> str:
+def title_for(keys: list[str], metric: str | None = None) -> str:
+    """The paper table a swept key mirrors; `metric` (no task columns: a loss) titles `val/loss by <keys>`."""
+    if metric:
+        return f"`{metric}` by {' × '.join(keys)}"
     for needle, title in TITLES:
         if any(k.rsplit(".", 1)[-1] == needle or k.endswith(needle) for k in keys):
             return title if len(keys) == 1 else f"{title}, by {', '.join(keys)}"
@@ -183,7 +188,8 @@ def ablation_table(trials: list[RunRecord], keys: list[str], objective: str | No
     dims = [k for k in keys if not is_seed_key(k)]
     seeds = [k for k in keys if is_seed_key(k)]
     columns = primary_metrics(trials, objective)
-    if not columns and objective:  # a search on a training metric: one column, the objective itself
+    loss_only = not columns and bool(objective)
+    if loss_only:  # a search on a training metric: one column, the objective itself
         columns = [("", objective)]
     rows_values = [tuple(parse_value(t.params.get(k, "")) for k in dims) for t in trials]
     order = [_row_order([rv[i] for rv in rows_values]) for i in range(len(dims))]
@@ -200,10 +206,10 @@ def ablation_table(trials: list[RunRecord], keys: list[str], objective: str | No
             cells.append("–" if cell is None else cell.text())
         rows.append([*(str(v) for v in combo), *cells, str(len(group))])
     header = [*dims, *(f"{task} ({metric})" if task else metric for task, metric in columns), "runs"]
-    note = NOTE
+    note = LOSS_NOTE if loss_only else NOTE
     if seeds and max_n > 1:
         note += f" Rows with several runs (over {', '.join(seeds)}; count in the last column): their mean."
-    return Table(title_for(dims or keys), header, rows, note)
+    return Table(title_for(dims or keys, objective if loss_only else None), header, rows, note)
 
 
 def setting_estimates(trials: list[RunRecord], keys: list[str], key: str, metric: str) -> list[tuple[str, Estimate]]:

@@ -23,6 +23,7 @@ import optuna
 from optuna.trial import TrialState
 
 from ..config import flatten
+from ..logs import configure_logging, configured_level
 from ..redact import mask_password
 from ..runs import SWEEP_NAME_TAG, SWEEP_PARAM_PREFIX, SWEEP_STUDY_TAG, TRIAL_NUMBER_TAG
 from . import trials
@@ -73,6 +74,8 @@ class SweepResult:
     best_value: float | None
     best_params: dict[str, Any] | None
     errors: list[tuple[int, str]] = dataclasses.field(default_factory=list)  # (trial number, error) of FAILs
+    objective: str = ""  # the metric best_value is of
+    mlflow_experiment: str = ""  # where the parent run and its trials are
 
 
 def resolve_trial_fn(spec: SweepSpec, trial_fn: TrialFn | str | None) -> TrialFn:
@@ -115,6 +118,7 @@ def run_trial(trial: optuna.Trial, spec: SweepSpec, trial_fn: TrialFn, worker: s
          **{f"{SWEEP_PARAM_PREFIX}{k}": v for k, v in params.items()}}, attrs[ATTR_PARENT])
     trial.set_user_attr("mlflow_run_id", run_id)
     trial.set_user_attr("worker", worker)
+    log.info("sweep %s: trial %d starts: %s", spec.name, trial.number, ", ".join(f"{k}={v}" for k, v in params.items()))
     log_params(client, run_id, params)
     ctx = TrialContext(spec, trial, params, to_overrides(params), run_id, attrs[ATTR_PARENT], attrs[ATTR_EXPERIMENT],
                        spec.resolved_tracking_uri, client, spec.resolved_output_dir / f"trial_{trial.number:04d}",
@@ -138,6 +142,8 @@ def run_trial(trial: optuna.Trial, spec: SweepSpec, trial_fn: TrialFn, worker: s
         finish_run(client, run_id, "KILLED", "FAIL", DISCARDED)
         raise RuntimeError(f"trial {trial.number}: {DISCARDED}")
     finish_run(client, run_id, "FINISHED", "COMPLETE")
+    log.info("sweep %s: trial %d finished: %s = %.6g", spec.name, trial.number, spec.objective.metric,
+             metrics[spec.objective.metric])
     return metrics[spec.objective.metric]
 
 
@@ -192,7 +198,9 @@ def _lock(spec: SweepSpec):
 
 
 def _worker_process(spec: SweepSpec, trial_fn: TrialFn | str | None, worker_index: int,
-                    max_trials: int | None) -> None:
+                    max_trials: int | None, log_level: int | None = None) -> None:
+    if log_level is not None:  # a spawned process starts bare: log as the launching command does
+        configure_logging(log_level)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     worker_loop(spec, trial_fn, worker_index, max_trials)
 
@@ -280,6 +288,7 @@ def summarize(spec: SweepSpec, parent_run_id: str) -> SweepResult:
         best_value=best.value if best else None, best_params=dict(best.params) if best else None,
         errors=[(t.number, t.user_attrs.get("error", "worker died (no heartbeat)")) for t in trials_
                 if t.state == TrialState.FAIL],
+        objective=spec.objective.metric, mlflow_experiment=spec.resolved_mlflow_experiment,
     )
 
 
@@ -314,7 +323,8 @@ def run_sweep(spec: SweepSpec, trial_fn: TrialFn | str | None = None, *, n_worke
         else:
             # spawn, not fork: forked children would share the parent's SQLite connections and MLflow client state.
             mp = multiprocessing.get_context("spawn")
-            procs = [mp.Process(target=_worker_process, args=(spec, fn, i, max_trials)) for i in range(workers)]
+            procs = [mp.Process(target=_worker_process, args=(spec, fn, i, max_trials, configured_level()))
+                     for i in range(workers)]
             for p in procs:
                 p.start()
             for p in procs:

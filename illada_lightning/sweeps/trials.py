@@ -26,13 +26,6 @@ import optuna
 from ..config import flatten, to_dict
 from ..runs import CHECKPOINT_TAG, RUNS_FILE
 from .context import SetupContext, TrialContext
-from .process_group import (
-    TrialProcessError,
-    check_finished_in_mlflow,
-    needs_process_group,
-    run_in_process_group,
-)
-from .pruning import OptunaPruningCallback
 from .space import param_values
 from .spec import SweepSpec
 from .targets import (
@@ -62,6 +55,13 @@ def _train(cfg, run_dir: Path, run_id: str, client, extra_callbacks=(), *, spec:
     In this process, with the pruning callback when `trial` is given; a config asking for several devices or
     nodes runs as a process group of its own instead (`process_group.py`), reporting to `trial` itself."""
     from ..experiment.run import run_experiment
+    from .process_group import (
+        TrialProcessError,
+        check_finished_in_mlflow,
+        needs_process_group,
+        run_in_process_group,
+    )
+    from .pruning import OptunaPruningCallback
 
     run_dir.mkdir(parents=True, exist_ok=True)
     runs_file = run_dir / RUNS_FILE

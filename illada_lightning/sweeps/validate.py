@@ -10,8 +10,7 @@ from ..config import ConfigError
 from ..evaluation.records import EvalDataError
 from ..evaluation.tasks import get_task, registered_tasks
 from ..redact import mask_password
-from ..runs import EVAL_METRIC_NAMES, TRAINING_METRICS
-from ..training.tracking import server_unreachable
+from ..runs import EVAL_METRIC_NAMES, TRAINING_METRICS, server_unreachable
 from .space import format_value, param_values
 from .spec import SweepSpec
 from .study import StorageError, open_storage

@@ -176,7 +176,7 @@ class PreviewConfig:
     prompts: list[str] = field(default_factory=list)  # empty: the first test/validation prompts
     # `preview.sampler.*`: iLLaDA §2.3 block-by-block generation that stops at EOS (the matching decoder for
     # whole_window SFT). The budget is cut to what the model was trained for, the SFT window less the longest
-    # prompt, in whole blocks (illada_lightning/budget.py), so this default asks for more than a short window holds.
+    # prompt, by the rule generate and evaluate use (budget.py: fit_sampler), so this default may ask for more.
     sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(
         steps=256, gen_length=256, block_length=8, variable_length=True))
 

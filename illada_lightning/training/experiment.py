@@ -26,14 +26,14 @@ import yaml
 from ..checkpoint import atomic_write, load_checkpoint
 from ..config import ConfigError, flatten, to_dict, to_yaml
 from ..redact import mask_password, mask_values
-from ..runs import CONFIG_FILE, REQUEUED_TAG
+from ..runs import CONFIG_FILE, REQUEUED_TAG, ui_command
 from .config import TrainingConfig
 from .interrupt import GracefulStop, TrainingInterrupted
 from .preflight import RunDirectoryError, is_rank_zero, preflight, stages_of  # noqa: F401  (public names)
 from .preview import preview_answers
 from .slurm import job_id, request_requeue, requeue_wanted
 from .stage import run_stage
-from .tracking import Tracker, tracking_uri, ui_command
+from .tracking import Tracker, tracking_uri
 
 log = logging.getLogger(__name__)
 

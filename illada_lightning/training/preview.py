@@ -7,10 +7,11 @@ from pathlib import Path
 
 import torch
 
-from ..budget import fit_budget
+from ..budget import fit_sampler
 from ..data.corpus import read_jsonl_records, resolve_data_path
 from ..data.sft import record_to_pairs
 from ..diffusion.sampler import generate
+from ..diffusion.sampler_config import SamplerConfig
 from .config import TrainingConfig
 
 
@@ -27,6 +28,12 @@ def preview_prompts(cfg: TrainingConfig, tokenizer) -> list[str]:
     return []
 
 
+def preview_sampler(cfg: TrainingConfig, longest_prompt: int) -> SamplerConfig:
+    """The preview's sampler settings, their budget fitted to the window SFT trained on less the longest prompt."""
+    window = cfg.sft.data.max_seq_len or cfg.model.max_seq_len  # the window SFT trained on (null: the model's)
+    return fit_sampler(cfg.preview.sampler, window - longest_prompt)[0]
+
+
 def preview_answers(cfg: TrainingConfig, model, tokenizer) -> list[dict[str, str]]:
     prompts = preview_prompts(cfg, tokenizer)
     if not prompts or cfg.preview.num_prompts == 0:
@@ -34,11 +41,6 @@ def preview_answers(cfg: TrainingConfig, model, tokenizer) -> list[dict[str, str
     device = next(model.parameters()).device
     model.eval()
     ids = [torch.tensor(tokenizer.encode(p), dtype=torch.long, device=device) for p in prompts]
-    options = asdict(cfg.preview.sampler)
-    window = cfg.sft.data.max_seq_len or cfg.model.max_seq_len  # the window SFT trained on (null: the model's)
-    room = window - max(len(i) for i in ids)
-    block = cfg.preview.sampler.resolved_block_length
-    budget, steps = fit_budget(cfg.preview.sampler.budget, options["steps"], room // block * block, block)
-    options.update(gen_length=budget, steps=steps, max_new_tokens=budget if options["variable_length"] else None)
+    options = asdict(preview_sampler(cfg, max(len(i) for i in ids)))
     outputs = generate(model, ids, **options, generator=torch.Generator(device).manual_seed(cfg.seed))
     return [{"prompt": p, "answer": tokenizer.decode(out)} for p, out in zip(prompts, outputs)]

@@ -19,17 +19,15 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 from lightning.pytorch.loggers import MLFlowLogger
 
 from illada_lightning.provenance import git_commit
-from illada_lightning.runs import EXPERIMENT_TAGS, mark_training_experiment
+from illada_lightning.runs import EXPERIMENT_TAGS, mark_training_experiment, server_unreachable
 
 from .. import runs
 from ..checkpoint import atomic_write
@@ -72,20 +70,6 @@ def check_tracking_uri(mlflow_cfg, runs_root: str | Path, timeout_s: float = 10.
     if problem:
         raise ConfigError(f"mlflow.tracking_uri={mask_password(uri)}: cannot reach the tracking server ({problem}); "
                           "start it, fix the URI or set mlflow.enabled=false")
-
-
-def server_unreachable(uri: str, timeout_s: float = 10.0) -> str | None:
-    """Why an http(s) tracking server cannot be reached (None when it accepts connections, or `uri` is no
-    server): checked with one connection, not MLflow's client, which retries for minutes."""
-    if not uri.startswith(("http://", "https://")):
-        return None
-    parsed = urlparse(uri)
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    try:
-        socket.create_connection((parsed.hostname, port), timeout=timeout_s).close()
-    except OSError as exc:
-        return str(exc.strerror or exc)
-    return None
 
 
 UNSENT_FILE = "mlflow_unsent_metrics.jsonl"
@@ -141,13 +125,6 @@ class StageLogger(MLFlowLogger):
         except Exception:  # still down: the file and the warning say it
             pass
         self.unsent = []
-
-
-def ui_command(uri: str) -> str:
-    """How to look at the runs: the `mlflow ui` command for a local store; a server serves its UI itself."""
-    if uri.startswith(("http://", "https://")):
-        return f"{mask_password(uri)} (the tracking server's UI: open it in a browser)"
-    return f"mlflow ui --backend-store-uri {uri}"
 
 
 class Tracker:

@@ -13,10 +13,11 @@ from pathlib import Path
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
+from ..logs import reapply_logging
 from .callbacks import LossPlateauLRSwitch, NonFiniteLossGuard, ThroughputMonitor
 from .config import TrainingConfig
 from .module import DiffusionLMModule, PretrainModule, SFTModule
-from .progress import StepProgressBar
+from .progress import progress_callback
 from .slurm import cluster_environment
 from .step_checkpoint import AtomicCheckpointIO, StepCheckpoint
 from .strategy import make_strategy, world_size
@@ -50,7 +51,7 @@ def stage_callbacks(cfg: TrainingConfig, stage: str, ckpt_dir: Path) -> list[Cal
     if stage == "pretrain":
         callbacks.append(LossPlateauLRSwitch(section.schedule, section.optim.warmup_steps))
     if cfg.progress_bar:
-        callbacks.append(StepProgressBar(stage, refresh_rate=max(1, section.log_every_n_steps // 2)))
+        callbacks.append(progress_callback(stage, refresh_rate=max(1, section.log_every_n_steps // 2)))
     return callbacks
 
 
@@ -65,6 +66,7 @@ def make_trainer(cfg: TrainingConfig, stage: str, stage_dir: Path, logger, extra
     accumulate = section.accumulate_grad_batches
     val_every = section.val_every_n_steps
     max_epochs = -1 if stage == "pretrain" else section.epochs
+    reapply_logging()  # a sweep imports Lightning after its command configured logging
     return pl.Trainer(
         accelerator=cfg.accelerator, devices=_devices(cfg.devices), num_nodes=cfg.num_nodes,
         strategy=make_strategy(cfg.strategy, cfg.accelerator, cfg.devices, cfg.num_nodes, precision=cfg.precision,
