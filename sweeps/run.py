@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     from illada_lightning.redact import mask_password
     from illada_lightning.sweeps import SweepError, load_sweep_spec, run_sweep, validate_sweep
     from illada_lightning.sweeps.multirun import result_text
-    from illada_lightning.sweeps.runner import resolve_trial_fn
+    from illada_lightning.sweeps.runner import WorkerInterrupted, resolve_trial_fn
 
     configure_logging()
     try:
@@ -75,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, SweepError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except WorkerInterrupted as exc:  # a stop signal: the trial was checkpointed and recorded FAIL; rerun resumes
+        print(f"error: {exc}; the sweep stopped (relaunch the same command to continue)", file=sys.stderr)
+        return exc.exit_code
     print(result_text(result, spec))
     return 0 if result.n_pending == 0 else 1
 

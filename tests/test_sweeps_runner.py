@@ -19,6 +19,7 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from illada_lightning.sweeps import ParamSpec, SweepSpec, run_sweep
+from illada_lightning.sweeps.runner import WorkerInterrupted
 from illada_lightning.sweeps.spec import EvaluationSpec, ObjectiveSpec, PrunerSpec, SamplerSpec
 from illada_lightning.sweeps.study import open_storage
 from tests.sweep_fakes import fake_metric
@@ -310,3 +311,25 @@ def test_a_trial_declared_dead_meanwhile_is_not_finished_twice(tmp_path, trackin
     run = MlflowClient(tracking_uri).get_run(trials[0].user_attrs["mlflow_run_id"])
     assert run.info.status == "KILLED" and "result discarded" in run.data.tags["sweep.error"]
     assert run_sweep(spec, declared_dead_midway).n_complete == 4  # the relaunch reruns the point once
+
+
+def stopped_by_signal(ctx):
+    """What an in-process training trial raises when SLURM's SIGTERM arrives (after its checkpoint)."""
+    from illada_lightning.training.interrupt import TrainingInterrupted
+
+    raise TrainingInterrupted("training interrupted by SIGTERM at pretrain step 3", signal.SIGTERM)
+
+
+stopped_by_signal.declared_metrics = ("eval/toy/acc",)
+
+
+def test_a_trial_stopped_by_a_signal_stops_its_worker_instead_of_starting_the_next(tmp_path, tracking_uri):
+    spec = make_spec(tmp_path, tracking_uri, "stopped")
+    with pytest.raises(WorkerInterrupted) as stop:
+        run_sweep(spec, stopped_by_signal)
+    assert stop.value.exit_code == 128 + signal.SIGTERM
+    trials = load_trials(spec)
+    assert [t.state for t in trials] == [TrialState.FAIL]  # the next grid point was never started
+    assert trials[0].user_attrs["error"].startswith("interrupted: training interrupted by SIGTERM")
+    run = MlflowClient(tracking_uri).get_run(trials[0].user_attrs["mlflow_run_id"])
+    assert run.info.status == "KILLED"

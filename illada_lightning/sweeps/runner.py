@@ -16,6 +16,7 @@ import math
 import multiprocessing
 import os
 import socket
+import sys
 import time
 from typing import Any
 
@@ -59,6 +60,15 @@ ATTR_PARENT, ATTR_EXPERIMENT, ATTR_SPACE, ATTR_SETUP = (
     "mlflow_parent_run_id", "mlflow_experiment_id", "sweep_space", "sweep_setup")
 DISCARDED = "result discarded: another worker marked the trial dead (no heartbeat) and queued it again"
 BUILT_IN = {"train": trials.train_trial, "eval_only": trials.eval_only_trial, "per_epoch": trials.per_epoch_trial}
+
+
+class WorkerInterrupted(KeyboardInterrupt):
+    """A stop signal ended the trial's training: the worker stops too (Optuna records the trial FAIL, as for
+    Ctrl-C). `exit_code` is the shell's 128 + signal."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 @dataclasses.dataclass
@@ -129,6 +139,10 @@ def run_trial(trial: optuna.Trial, spec: SweepSpec, trial_fn: TrialFn, worker: s
         finish_run(client, run_id, "KILLED", "PRUNED", f"pruned: {exc}")
         raise
     except Exception as exc:  # recorded FAIL (Optuna and MLflow) with its error; the study goes on
+        if _stop_signal(exc):  # SIGTERM/SIGINT (a time limit, scancel): checkpointed; stop this worker too
+            trial.set_user_attr("error", f"interrupted: {exc}")
+            finish_run(client, run_id, "KILLED", "FAIL", f"interrupted: {exc}")
+            raise WorkerInterrupted(str(exc), exc.exit_code) from exc
         trial.set_user_attr("error", error_text(exc))
         finish_run(client, run_id, "FAILED", "FAIL", error_text(exc))
         raise
@@ -145,6 +159,16 @@ def run_trial(trial: optuna.Trial, spec: SweepSpec, trial_fn: TrialFn, worker: s
     log.info("sweep %s: trial %d finished: %s = %.6g", spec.name, trial.number, spec.objective.metric,
              metrics[spec.objective.metric])
     return metrics[spec.objective.metric]
+
+
+def _stop_signal(exc: Exception) -> bool:
+    """Training in this process stopped on a signal (`training.interrupt.TrainingInterrupted`): the worker
+    stops as well instead of starting the next trial in the few seconds before SLURM's SIGKILL."""
+    if "illada_lightning.training.interrupt" not in sys.modules:  # no in-process training ran
+        return False
+    from ..training.interrupt import TrainingInterrupted
+
+    return isinstance(exc, TrainingInterrupted)
 
 
 def _still_running(trial: optuna.Trial) -> bool:
