@@ -11,7 +11,7 @@ ILLADA_MLFLOW_PORT=${ILLADA_MLFLOW_PORT:-5055}
 _services_dir=$(mktemp -d /tmp/illada-services.XXXXXX)
 
 if ! command -v pg_ctlcluster >/dev/null; then
-  apt-get install -y -q postgresql >/dev/null
+  apt-get update -q >/dev/null && apt-get install -y -q postgresql >/dev/null
 fi
 _pg_version=$(ls /usr/lib/postgresql | sort -n | tail -1)
 _pg_started=0
