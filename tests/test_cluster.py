@@ -115,6 +115,10 @@ def test_three_launchers_share_one_postgres_study_one_killed_midway(tmp_path, pg
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     failed = [t for t in trials if t.state == TrialState.FAIL]
     points = [(t.params["sft.epochs"], t.params["eval.scoring_rule"]) for t in complete]
+    print(f"\n3 launchers, launcher 0 (pid {victim.pid}) killed: {len(trials)} trials, {len(complete)} COMPLETE, "
+          f"{len(failed)} FAIL ({failed[0].user_attrs.get('error', 'no heartbeat') if failed else '-'}), "
+          f"retries {sum('failed_trial' in t.system_attrs for t in trials)}, "
+          f"duplicate points {len(points) - len(set(points))}")
     assert len(complete) == 6 and len(set(points)) == 6  # every grid point once
     assert len(failed) == 1 and f":{victim.pid}:" in failed[0].user_attrs["worker"]
     assert failed[0].params in [t.params for t in complete]  # the killed trial's point was retried
@@ -145,6 +149,8 @@ def test_postgres_restart_mid_sweep_the_workers_reconnect_and_finish(tmp_path, p
         for p in procs:
             p.kill()
     assert [p.returncode for p in procs] == [0, 0], outs
+    print("\nPostgreSQL restart:", restart.stdout.strip(), *[line for out in outs for line in out.splitlines()
+                                                         if "unreachable" in line or "complete," in line], sep="\n")
     assert any("unreachable" in out for out in outs), outs  # they saw the restart, retried, and went on
     states = [t.state for t in study_trials(pg_url, name)]
     assert states == [TrialState.COMPLETE] * 4, [(t.state, t.user_attrs.get("error")) for t in study_trials(pg_url, name)]
@@ -177,14 +183,18 @@ def test_tracking_server_down_mid_training_loses_and_duplicates_no_metric(tmp_pa
         wait_for(lambda: logged_steps() >= 3, "the first logged steps", procs=[train])
         server.send_signal(signal.SIGKILL)  # the server dies; training goes on without it
         server.wait()
-        time.sleep(8)
+        down_at = time.time()
+        time.sleep(float(os.environ.get("ILLADA_OUTAGE_S", "8")))  # the drill in the closing note: 30
         server = services.start_mlflow_server(backend, port, tmp_path / "artifacts", log)
+        outage_s = time.time() - down_at
         out = train.communicate(timeout=900)[0]
     finally:
         train.kill()
         server.terminate()
         server.wait()
     assert train.returncode == 0, out[-3000:]
+    print(f"\ntracking server down for {outage_s:.0f} s mid-training:", *[line for line in out.splitlines()
+                                                      if "MLflow" in line or "[pretrain]" in line], sep="\n")
     exp = client.get_experiment_by_name("illada-lightning")
     (run,) = client.search_runs([exp.experiment_id], "tags.`illada.stage` = 'pretrain'")
     history = client.get_metric_history(run.info.run_id, "train/loss")
