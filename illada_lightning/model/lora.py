@@ -42,7 +42,16 @@ def is_adapter_param(name: str) -> bool:
     return ".lora_" in name
 
 
+def _need_peft() -> None:
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        raise LoraError("LoRA (sft.lora.rank > 0, or reading a LoRA checkpoint) needs Hugging Face peft: "
+                        "pip install 'illada-lightning[lora]'") from None
+
+
 def _peft_config(cfg: LoraConfig):
+    _need_peft()
     from peft import LoraConfig as PeftLoraConfig
 
     return PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
@@ -51,6 +60,7 @@ def _peft_config(cfg: LoraConfig):
 
 def _matches(target: str, name: str) -> bool:
     """peft's own matching rule for a list entry (the name, or a name ending with `.<target>`)."""
+    _need_peft()
     from peft.tuners.tuners_utils import check_target_module_exists
 
     return bool(check_target_module_exists(_peft_config(LoraConfig(rank=1, targets=[target])), name))
@@ -154,6 +164,7 @@ def merge_adapters(state: dict[str, torch.Tensor], model_config: ModelConfig, cf
     A state without adapter tensors is returned as it is."""
     if not any(is_adapter_param(k) for k in state):
         return state
+    _need_peft()
     from peft import LoraModel
 
     with torch.device("meta"):

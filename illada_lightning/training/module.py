@@ -243,6 +243,11 @@ class DiffusionLMModule(pl.LightningModule):
         for config in self.trainer.lr_scheduler_configs:
             if isinstance(config.scheduler, RecipeLR) and config.scheduler.lr_scale != self.lr_scale:
                 config.scheduler.set_lr_scale(self.lr_scale)
+        # Lightning #20550: SFT's schedule length (`estimated_stepping_batches`) builds the train loader before a
+        # resumed run's loader position is restored, and Lightning then never loads it (SFT resumed mid-epoch
+        # replayed the epoch from its first batch). Load it now: a no-op unless resuming; our ResumableLoader
+        # reads its position at the first batch, after this hook.
+        self.trainer.fit_loop._load_combined_loader_states()
 
     # ----------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
