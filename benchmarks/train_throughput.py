@@ -220,7 +220,8 @@ def run(args) -> dict:
         "strategy": args.strategy, "world_size": world, "fsdp_cpu_offload": args.fsdp_cpu_offload,
         "p_split": 0.0 if args.padded else args.p_split, "steps": args.steps,
         "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha if args.lora_rank else None,
-        **parameter_counts(module.model), "flops_basis": "full training (6N + head + attention)",
+        **parameter_counts(module.model), "param_dtypes": param_dtypes(module.model),
+        "flops_basis": "full training (6N + head + attention)",
         "tokens_per_s": world * sum(real_tokens) / elapsed,
         "step_s_median": statistics.median(times), "step_s_min": min(times), "step_s_max": max(times),
         "model_tflops_per_s": world * sum(flops) / elapsed / 1e12,
@@ -235,6 +236,14 @@ def run(args) -> dict:
     result["peak_mem_bytes_per_token"] = (result["peak_mem_gib"] * 2**30 / tokens_per_step
                                           if result["peak_mem_gib"] is not None else None)
     return result
+
+
+def param_dtypes(model) -> dict[str, list[str]]:
+    """The dtypes of the trainable and the frozen parameters (LoRA under bf16-true: fp32 and bf16)."""
+    out: dict[str, set] = {"trainable": set(), "frozen": set()}
+    for p in model.parameters():
+        out["trainable" if p.requires_grad else "frozen"].add(str(p.dtype).removeprefix("torch."))
+    return {k: sorted(v) for k, v in out.items()}
 
 
 def print_table(rows: list[dict]) -> None:

@@ -29,6 +29,7 @@ from illada_lightning.model.lora_config import DEFAULT_TARGETS, LoraConfig
 from illada_lightning.training.config import OptimConfig, TrainingConfig
 from illada_lightning.training.lora import check_lora, trainer_precision
 from illada_lightning.training.module import SFTModule
+from illada_lightning.training.strategy import make_strategy
 
 ARCH = dict(n_layers=2, d_model=32, n_heads=2, n_kv_heads=1, ffn_dim=48, vocab_size=320, max_seq_len=32)
 
@@ -67,6 +68,17 @@ def test_default_targets_adapt_the_four_projections_of_every_block_and_freeze_th
     assert adapted_parameter_counts(model.config, LoraConfig(rank=rank)) == counts  # the meta-device count
     assert type(model).__name__ == "MaskPredictor" and model.output_weight.requires_grad is False
     assert logits(model).shape == (2, 16, 320)
+
+
+def test_illada_8b_rank_16_trains_half_a_percent_counted_on_the_meta_device():
+    from experiments.inspect import main as inspect_main
+
+    info = inspect_main(["model=illada_8b", "lora.rank=16"])
+    d, kv, ffn = 4096, 8 * 128, 14_336  # iLLaDA 8B: 32 blocks, GQA with 8 KV heads of 128
+    per_block = 16 * ((d + d + 2 * kv) + (d + d) + (d + 2 * ffn) + (ffn + d))
+    assert info["lora.trainable_params"] == 32 * per_block == 35_651_584
+    assert info["lora.total_params"] == info["total_params"] + 32 * per_block
+    assert 0.004 < info["lora.trainable_params"] / info["lora.total_params"] < 0.005
 
 
 @pytest.mark.parametrize("targets, match", [
@@ -129,7 +141,8 @@ def test_merged_weights_give_the_adapted_models_logits_and_the_inputs_stay_untou
 # ----------------------------------------------------------------------------- training (Lightning, CPU)
 
 
-def fit(lora: LoraConfig | None, precision: str = "32-true", steps: int = 3):
+def fit(lora: LoraConfig | None, precision: str = "32-true", steps: int = 3, accelerator: str = "cpu",
+        strategy: str = "auto"):
     """A few SFT steps of the real module on random batches; returns (module, trainer, initial weights)."""
     torch.manual_seed(0)
     module = SFTModule(get_preset("tiny", **ARCH), optim=OptimConfig(lr=1e-2, min_lr=1e-3, warmup_steps=0),
@@ -137,8 +150,10 @@ def fit(lora: LoraConfig | None, precision: str = "32-true", steps: int = 3):
     initial = {k: v.clone() for k, v in module.model.state_dict().items()}
     g = torch.Generator().manual_seed(1)
     batches = [{"input_ids": torch.randint(4, ARCH["vocab_size"], (4, 32), generator=g)} for _ in range(steps)]
+    strategy = make_strategy(strategy, accelerator, "1", precision=precision)
     precision, plugins = trainer_precision(precision, lora)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+    trainer = pl.Trainer(accelerator=accelerator, devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+                         strategy=strategy,
                          enable_progress_bar=False, enable_model_summary=False, precision=precision,
                          plugins=plugins or None, gradient_clip_val=1.0)
     trainer.fit(module, torch.utils.data.DataLoader(batches, batch_size=None))
@@ -203,3 +218,18 @@ def test_checkpoint_holds_and_names_the_adapters_and_both_exports_merge_them(lor
         torch.testing.assert_close(logits(exported), adapted, rtol=1e-5, atol=1e-5)
     assert export_main([f"ckpt={path}", "format=pt", f"out={tmp_path / 'pt'}"]) == 2  # no silent overwrite
     assert "exists and is not empty" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("strategy", ["auto", "fsdp"])
+def test_bf16_true_lora_on_a_gpu_keeps_fp32_adapters_and_merges_to_the_adapted_logits(strategy, tmp_path):
+    module, trainer, _ = fit(LoraConfig(rank=4), precision="bf16-true", steps=3, accelerator="gpu", strategy=strategy)
+    params = dict(module.model.named_parameters())
+    assert {p.dtype for n, p in params.items() if is_adapter_param(n)} == {torch.float32}
+    assert {p.dtype for n, p in params.items() if not is_adapter_param(n)} == {torch.bfloat16}
+    assert all(p.abs().max() > 0 for n, p in params.items() if "lora_B" in n)
+    trainer.save_checkpoint(tmp_path / "gpu.ckpt")
+    with torch.no_grad():
+        adapted = module.model.eval()(probe().cuda()).float().cpu()  # through the shards under fsdp
+    merged, _ = il.load_checkpoint(tmp_path / "gpu.ckpt")  # a sharded directory under fsdp
+    torch.testing.assert_close(logits(merged.float()), adapted, rtol=0.05, atol=0.05)  # bf16 merged weights

@@ -190,6 +190,9 @@ def test_fsdp_shards_the_adapters_with_their_blocks_and_trains_like_one_process(
 
         out = merged.eval()(probe_ids(merged.config.vocab_size))
     torch.testing.assert_close(out, torch.load(tmp_path / "out2" / "logits.pt"), rtol=1e-5, atol=1e-5)
+    from_shards, _ = il.load_checkpoint(step_dir)  # the last sharded checkpoint, read and merged on one process
+    for k, v in merged.state_dict().items():
+        torch.testing.assert_close(from_shards.state_dict()[k], v, rtol=0, atol=1e-6)
     single_w = torch.load(tmp_path / "single" / "sft" / "model.pt", weights_only=False)["state_dict"]
     fsdp_w = torch.load(tmp_path / "fsdp" / "sft" / "model.pt", weights_only=False)["state_dict"]
     for k in single_w:
