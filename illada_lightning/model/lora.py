@@ -58,12 +58,13 @@ def _peft_config(cfg: LoraConfig):
                           target_modules=list(cfg.targets), bias="none")
 
 
-def _matches(target: str, name: str) -> bool:
-    """peft's own matching rule for a list entry (the name, or a name ending with `.<target>`)."""
+def _matching(target: str, names) -> set[str]:
+    """The names `target` matches by peft's own rule for a list entry (the name, or ending with `.<target>`)."""
     _need_peft()
     from peft.tuners.tuners_utils import check_target_module_exists
 
-    return bool(check_target_module_exists(_peft_config(LoraConfig(rank=1, targets=[target])), name))
+    single = _peft_config(LoraConfig(rank=1, targets=[target]))
+    return {n for n in names if n and check_target_module_exists(single, n)}
 
 
 def _examples(names, n: int = 4) -> str:
@@ -81,7 +82,7 @@ def check_targets(model: nn.Module, cfg: LoraConfig, where: str = "sft.lora.targ
     adaptable = {n for n, m in modules.items() if _IN_BLOCK.match(n) and type(m) is nn.Linear}
     hits: set[str] = set()
     for target in cfg.targets:
-        found = {n for n in modules if n and _matches(target, n)}
+        found = _matching(target, modules)
         if not found:
             raise LoraError(f"{where}: {target!r} matches no module of the model; the block projections are "
                             f"{', '.join(DEFAULT_TARGETS)} (in each of blocks.0 .. blocks.{n_layers - 1})")

@@ -247,7 +247,9 @@ class DiffusionLMModule(pl.LightningModule):
         # resumed run's loader position is restored, and Lightning then never loads it (SFT resumed mid-epoch
         # replayed the epoch from its first batch). Load it now: a no-op unless resuming; our ResumableLoader
         # reads its position at the first batch, after this hook.
-        self.trainer.fit_loop._load_combined_loader_states()
+        load_loader_states = getattr(self.trainer.fit_loop, "_load_combined_loader_states", None)
+        if load_loader_states is not None:
+            load_loader_states()
 
     # ----------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
