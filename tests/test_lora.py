@@ -142,11 +142,11 @@ def test_merged_weights_give_the_adapted_models_logits_and_the_inputs_stay_untou
 
 
 def fit(lora: LoraConfig | None, precision: str = "32-true", steps: int = 3, accelerator: str = "cpu",
-        strategy: str = "auto"):
+        strategy: str = "auto", activation_checkpointing: bool = False):
     """A few SFT steps of the real module on random batches; returns (module, trainer, initial weights)."""
     torch.manual_seed(0)
     module = SFTModule(get_preset("tiny", **ARCH), optim=OptimConfig(lr=1e-2, min_lr=1e-3, warmup_steps=0),
-                       seed=5, lora=lora)
+                       seed=5, lora=lora, activation_checkpointing=activation_checkpointing)
     initial = {k: v.clone() for k, v in module.model.state_dict().items()}
     g = torch.Generator().manual_seed(1)
     batches = [{"input_ids": torch.randint(4, ARCH["vocab_size"], (4, 32), generator=g)} for _ in range(steps)]
@@ -185,6 +185,13 @@ def test_rank_zero_is_plain_sft_bitwise():
     assert not any(is_adapter_param(n) for n in off.model.state_dict())
     for k, v in plain.model.state_dict().items():
         assert torch.equal(off.model.state_dict()[k], v), k
+
+
+def test_block_checkpointing_recomputes_through_the_adapters(lora_fit):
+    module, _, _ = fit(LoraConfig(rank=4, alpha=8.0), activation_checkpointing=True)
+    reference = lora_fit[0].model.state_dict()
+    for k, v in module.model.state_dict().items():
+        torch.testing.assert_close(v, reference[k], rtol=1e-5, atol=1e-6)
 
 
 def test_bf16_true_keeps_the_frozen_base_bf16_and_the_adapters_fp32():
