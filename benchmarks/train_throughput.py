@@ -2,6 +2,8 @@
 
     python -m benchmarks.train_throughput --preset 1b --seq-len 8192 --batch-size 2 --backend varlen --compile
     python -m benchmarks.train_throughput --preset tiny --device cpu --steps 2 --warmup 1   # CI smoke
+    python -m benchmarks.train_throughput --preset illada_8b --seq-len 8192 --batch-size 1 --backend varlen \
+        --activation-checkpointing --precision bf16-true --lora-rank 16      # LoRA: frozen bf16 base, fp32 adapters
 
 Each configuration runs `warmup + steps` optimizer steps through Lightning's Trainer on packed rows
 (synthetic documents with a realistic length spread, packed by `data.packing` with the random-length split
@@ -14,6 +16,10 @@ MFU = model FLOPs / step time / measured bf16 matmul rate, where
     bidirectional attention matmuls for the actual document lengths of the batch;
   - the matmul rate is measured in the same run: an 8192^3 bf16 GEMM timed with CUDA events (median of 20),
     so the ratio is honest on any GPU, not a datasheet peak.
+`--lora-rank R` trains peft LoRA adapters of rank R on the block projections (`sft.lora`, model/lora.py)
+with the base frozen; with `--precision bf16-true` the base is bf16 and the adapters fp32, as in training.
+Its MFU keeps the full-training FLOPs count (`flops_basis`): frozen weights get no weight gradients, so a LoRA
+step does about 4/6 of that work; compare LoRA rows by tokens/s and peak memory.
 `--padded` is the no-packing baseline: one document per row, padded to the row length, SDPA with a mask.
 Writes one JSON line per configuration (`--out`) and prints a table.
 """
@@ -35,8 +41,11 @@ from illada_lightning.data.stream import pack_documents
 from illada_lightning.diffusion.objective import DiffusionConfig
 from illada_lightning.model.config import get_preset
 from illada_lightning.model.flops import training_flops
+from illada_lightning.model.lora import parameter_counts
+from illada_lightning.model.lora_config import LoraConfig
 from illada_lightning.provenance import git_commit
 from illada_lightning.training.config import OptimConfig, ScheduleConfig
+from illada_lightning.training.lora import trainer_precision
 from illada_lightning.training.module import PretrainModule
 from illada_lightning.training.strategy import make_strategy
 
@@ -158,9 +167,10 @@ def run(args) -> dict:
                      attention_backend="sdpa" if args.padded else args.backend)
     n_batches = args.warmup + args.steps
     batches = make_batches(args, cfg, n_batches)
+    lora = LoraConfig(rank=args.lora_rank, alpha=args.lora_alpha).check("--lora")
     module = PretrainModule(
         cfg, DiffusionConfig(), OptimConfig(lr=1e-4, warmup_steps=10), ScheduleConfig(plateau_switch=False),
-        seed=args.seed, activation_checkpointing=args.activation_checkpointing,
+        seed=args.seed, activation_checkpointing=args.activation_checkpointing, lora=lora,
     )
     if args.compile:
         module.model.compile_blocks()
@@ -178,8 +188,9 @@ def run(args) -> dict:
     if args.profile:
         callbacks.append(ProfileLastSteps(n_batches - 2, args.profile))
     accelerator = "gpu" if device.type == "cuda" else "cpu"
+    precision, precision_plugins = trainer_precision(args.precision, lora)  # bf16-true + LoRA: fp32 adapters
     trainer = pl.Trainer(
-        accelerator=accelerator, devices=args.devices, precision=args.precision,
+        accelerator=accelerator, devices=args.devices, precision=precision, plugins=precision_plugins or None,
         # the library's strategy factory, as `experiments.run strategy=...` uses it
         strategy=make_strategy(args.strategy, accelerator, str(args.devices), precision=args.precision,
                                cpu_offload=args.fsdp_cpu_offload),
@@ -208,6 +219,9 @@ def run(args) -> dict:
         "compile": args.compile, "activation_checkpointing": args.activation_checkpointing,
         "strategy": args.strategy, "world_size": world, "fsdp_cpu_offload": args.fsdp_cpu_offload,
         "p_split": 0.0 if args.padded else args.p_split, "steps": args.steps,
+        "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha if args.lora_rank else None,
+        **parameter_counts(module.model), "param_dtypes": param_dtypes(module.model),
+        "flops_basis": "full training (6N + head + attention)",
         "tokens_per_s": world * sum(real_tokens) / elapsed,
         "step_s_median": statistics.median(times), "step_s_min": min(times), "step_s_max": max(times),
         "model_tflops_per_s": world * sum(flops) / elapsed / 1e12,
@@ -224,14 +238,23 @@ def run(args) -> dict:
     return result
 
 
+def param_dtypes(model) -> dict[str, list[str]]:
+    """The dtypes of the trainable and the frozen parameters (LoRA under bf16-true: fp32 and bf16)."""
+    out: dict[str, set] = {"trainable": set(), "frozen": set()}
+    for p in model.parameters():
+        out["trainable" if p.requires_grad else "frozen"].add(str(p.dtype).removeprefix("torch."))
+    return {k: sorted(v) for k, v in out.items()}
+
+
 def print_table(rows: list[dict]) -> None:
-    head = f"{'preset':8} {'seq':>6} {'bs':>3} {'backend':8} {'pack':5} {'cmp':4} {'tok/s':>10} {'step ms':>8} {'MFU':>6} {'GiB':>6}"
+    head = (f"{'preset':8} {'seq':>6} {'bs':>3} {'backend':8} {'pack':5} {'cmp':4} {'lora':>4} {'tok/s':>10} "
+            f"{'step ms':>8} {'MFU':>6} {'GiB':>6}")
     print(head)
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "-"
         print(f"{r['preset']:8} {r['seq_len']:>6} {r['batch_size']:>3} {r['backend']:8} {str(r['packing']):5} "
-              f"{str(r['compile']):4} {r['tokens_per_s']:>10.0f} {1e3 * r['step_s_median']:>8.1f} {mfu:>6} {mem:>6}")
+              f"{str(r['compile']):4} {r['lora_rank']:>4} {r['tokens_per_s']:>10.0f} {1e3 * r['step_s_median']:>8.1f} {mfu:>6} {mem:>6}")
 
 
 def parse_args(argv=None):
@@ -252,6 +275,8 @@ def parse_args(argv=None):
     p.add_argument("--fsdp-cpu-offload", action="store_true",
                    help="strategy=fsdp: parameters, gradients and optimizer state in host memory (GPU only)")
     p.add_argument("--devices", type=int, default=1, help="GPUs (or CPU processes) on this node")
+    p.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank (0: full training)")
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scaling numerator (alpha / rank)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="append the JSON line to this file")
     p.add_argument("--profile", default=None, help="write a profiler table of the last 2 steps to this file")

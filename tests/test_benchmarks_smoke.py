@@ -18,6 +18,20 @@ def test_train_throughput_smoke_writes_a_json_line(tmp_path):
     assert [r["packing"] for r in rows] == [True, False]
 
 
+def test_train_throughput_lora_smoke_trains_fp32_adapters_on_a_bf16_base(tmp_path):
+    from illada_lightning.model.config import get_preset
+    from illada_lightning.model.lora import adapted_parameter_counts
+    from illada_lightning.model.lora_config import LoraConfig
+
+    r = train_throughput.main(["--preset", "tiny", "--device", "cpu", "--seq-len", "64", "--batch-size", "2",
+                               "--steps", "2", "--warmup", "1", "--precision", "bf16-true", "--lora-rank", "4",
+                               "--out", str(tmp_path / "lora.jsonl")])
+    assert r["lora_rank"] == 4 and r["precision"] == "bf16-true" and r["tokens_per_s"] > 0
+    counts = adapted_parameter_counts(get_preset("tiny"), LoraConfig(rank=4))
+    assert (r["trainable_params"], r["total_params"]) == (counts["trainable_params"], counts["total_params"])
+    assert r["param_dtypes"] == {"trainable": ["float32"], "frozen": ["bfloat16"]}
+
+
 def test_padded_baseline_counts_only_real_tokens():
     args = train_throughput.parse_args(["--preset", "tiny", "--seq-len", "8192", "--batch-size", "2", "--padded"])
     from illada_lightning.model.config import get_preset

@@ -48,6 +48,8 @@ from ..interop.llada_hf import (
     read_hf_tokenizer,
 )
 from ..model.config import ModelConfig
+from ..model.lora import LoraError, adapter_settings, base_layout, is_adapter_param, merge_adapters
+from ..model.lora_config import LoraConfig
 from ..model.transformer import MaskPredictor
 from .files import (  # noqa: F401  (re-exported: one place to ask "is this checkpoint usable?")
     CheckpointError,
@@ -148,8 +150,28 @@ def _model_state(raw: dict, path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def read_model_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], str | None, Path]:
-    """(model config, model state dict, tokenizer json or None, resolved path) of any supported checkpoint."""
+def _merged(state: dict, raw: dict, cfg: ModelConfig, path: Path, merge: bool) -> dict:
+    """A LoRA checkpoint's state with its adapters merged into the base names (`merge=False`: the base names
+    and shapes only, for shape checks); any other state as it is."""
+    lora = (raw.get("illada") or {}).get("lora")
+    adapters = any(is_adapter_param(k) for k in state)
+    if adapters and not lora:
+        raise CheckpointError(f"{path} holds LoRA adapter weights but no LoRA settings (illada.lora)")
+    if not adapters:
+        return state
+    if not merge:
+        return base_layout(state)
+    try:
+        return merge_adapters(state, cfg, LoraConfig(**lora))
+    except LoraError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+
+
+def read_model_checkpoint(path: str | Path, merge: bool = True
+                          ) -> tuple[ModelConfig, dict[str, torch.Tensor], str | None, Path]:
+    """(model config, model state dict, tokenizer json or None, resolved path) of any supported checkpoint.
+    A LoRA SFT checkpoint's adapters are merged into the base weights (model/lora.py): the state of a plain
+    model."""
     if is_hf_checkpoint(path):
         return _from_hf(read_hf_checkpoint, path)
     resolved = resolve_checkpoint(path)
@@ -158,7 +180,7 @@ def read_model_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torc
         raise CheckpointError(f"{resolved} is not an illada-lightning checkpoint (got {type(raw).__name__})")
     cfg = _model_config(raw, resolved)
     tokenizer_json = (raw.get("illada") or {}).get("tokenizer_json") or raw.get("tokenizer_json")
-    return cfg, _model_state(raw, resolved), tokenizer_json, resolved
+    return cfg, _merged(_model_state(raw, resolved), raw, cfg, resolved, merge), tokenizer_json, resolved
 
 
 def _find_tokenizer_near(path: Path) -> Tokenizer | None:
@@ -240,7 +262,7 @@ def read_model_layout(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Te
     memory-mapped for our files, a meta-device state for a Hugging Face directory."""
     if is_hf_checkpoint(path):
         return _from_hf(read_hf_layout, path)
-    cfg, state, _, _ = read_model_checkpoint(path)
+    cfg, state, _, _ = read_model_checkpoint(path, merge=False)
     return cfg, state
 
 
@@ -265,14 +287,17 @@ def load_init_weights(model: torch.nn.Module, path: str | Path, expected: ModelC
 
 
 def full_model_state(trainer, module) -> dict[str, torch.Tensor] | None:
-    """The unsharded model weights on CPU (rank 0; None elsewhere). A collective under FSDP2: every rank
-    must call it; the shards are gathered to rank 0's host memory only (no full copy on other ranks)."""
+    """The unsharded model weights on CPU (rank 0; None elsewhere), LoRA adapters merged into the base names.
+    A collective under FSDP2: every rank must call it; the shards are gathered to rank 0's host memory only
+    (no full copy on other ranks)."""
     if isinstance(module.model, FSDPModule):
         state = get_model_state_dict(module.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return state if trainer.is_global_zero else None
-    if not trainer.is_global_zero:
+    else:
+        state = {k: v.detach().cpu() for k, v in module.model.state_dict().items()} if trainer.is_global_zero else None
+    if state is None or not trainer.is_global_zero:
         return None
-    return {k: v.detach().cpu() for k, v in module.model.state_dict().items()}
+    lora = adapter_settings(module.model)
+    return state if lora is None else merge_adapters(state, module.model.config, lora)
 
 
 def export_model(path: str | Path, model_config: ModelConfig, state: dict, tokenizer_json: str | None,

@@ -15,6 +15,7 @@ from ..data.config import DataConfig, SFTDataConfig, TokenizerConfig
 from ..diffusion.config import DiffusionConfig
 from ..diffusion.sampler_config import SamplerConfig
 from ..model.config import PRESETS, ModelConfig
+from ..model.lora_config import LoraConfig
 
 STAGES = ("pretrain", "sft", "all")
 STRATEGIES = ("auto", "ddp", "fsdp")
@@ -145,6 +146,7 @@ class SFTConfig(LoopConfig):
     max_steps: int = -1  # > 0 caps the run (the LR schedule then ends at max_steps)
     optim: OptimConfig = field(default_factory=_sft_optim)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)  # rank > 0: low-rank adapters, base weights frozen
 
     def validate(self) -> SFTConfig:
         self._validate_loop("sft")
@@ -152,6 +154,7 @@ class SFTConfig(LoopConfig):
         _need(self.max_steps == -1 or self.max_steps >= 1, f"sft.max_steps must be -1 or >= 1, got {self.max_steps}")
         self.optim.check("sft.optim")
         self.schedule.check("sft.schedule")
+        self.lora.check("sft.lora")
         return self
 
 

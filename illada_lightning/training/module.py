@@ -27,8 +27,11 @@ from torch.utils.checkpoint import checkpoint
 
 from ..diffusion.objective import DiffusionConfig, diffusion_loss
 from ..model.config import ModelConfig
+from ..model.lora import adapter_settings, add_adapters
+from ..model.lora_config import LoraConfig
 from ..model.transformer import MaskPredictor
 from .config import OptimConfig, ScheduleConfig
+from .lora import check_resumed_lora
 from .schedule import RecipeLR
 from .strategy import is_sharded, local_tensor
 
@@ -95,15 +98,18 @@ class DiffusionLMModule(pl.LightningModule):
         seed: int = 0,
         lr_scale: float = 1.0,
         activation_checkpointing: bool = False,
+        lora: LoraConfig | dict | None = None,
     ):
         super().__init__()
         self.model_config = _as(ModelConfig, model_config).validate()
         self.diffusion = _as(DiffusionConfig, diffusion or {})
         self.optim = _as(OptimConfig, optim or {})
         self.schedule = _as(ScheduleConfig, schedule or {})
+        self.lora = _as(LoraConfig, lora or {}).check("lora")  # rank > 0: adapters added in configure_model
         self.save_hyperparameters({
             "model_config": asdict(self.model_config), "diffusion": asdict(self.diffusion),
             "optim": asdict(self.optim), "schedule": asdict(self.schedule), "seed": seed, "stage": self.stage,
+            "lora": asdict(self.lora),
         }, logger=False)  # kept in checkpoints; MLflow gets the whole experiment config instead (tracking.py)
         self.seed, self.lr_scale = seed, lr_scale
         self.model = MaskPredictor(self.model_config)
@@ -225,7 +231,9 @@ class DiffusionLMModule(pl.LightningModule):
 
     def configure_model(self) -> None:
         # Called by Lightning on every rank before the optimizers exist; FSDP2Strategy shards here
-        # (per block + root, training/strategy.py). Other strategies keep the plain model.
+        # (per block + root, training/strategy.py). Other strategies keep the plain model. LoRA adapters
+        # (training/lora.py) go in first, the same on every rank, so they are sharded with their blocks.
+        add_adapters(self.model, self.lora, seed=self.seed)
         shard = getattr(self.trainer.strategy, "shard", None)
         if shard is not None:
             shard(self.model)
@@ -235,11 +243,22 @@ class DiffusionLMModule(pl.LightningModule):
         for config in self.trainer.lr_scheduler_configs:
             if isinstance(config.scheduler, RecipeLR) and config.scheduler.lr_scale != self.lr_scale:
                 config.scheduler.set_lr_scale(self.lr_scale)
+        # Lightning #20550: SFT's schedule length (`estimated_stepping_batches`) builds the train loader before a
+        # resumed run's loader position is restored, and Lightning then never loads it (SFT resumed mid-epoch
+        # replayed the epoch from its first batch). Load it now: a no-op unless resuming; our ResumableLoader
+        # reads its position at the first batch, after this hook.
+        load_loader_states = getattr(self.trainer.fit_loop, "_load_combined_loader_states", None)
+        if load_loader_states is not None:
+            load_loader_states()
 
     # ----------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        lora = adapter_settings(self.model)  # the weights hold adapters: say which (model/lora.py)
         checkpoint["illada"] = {"model_config": asdict(self.model_config), "stage": self.stage,
-                                "tokenizer_json": self.tokenizer_json}
+                                "tokenizer_json": self.tokenizer_json, "lora": asdict(lora) if lora else None}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        check_resumed_lora(checkpoint, self.lora)
 
 
 class PretrainModule(DiffusionLMModule):

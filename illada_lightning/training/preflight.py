@@ -1,6 +1,6 @@
 """Preflight: everything that can be wrong is checked before any training step.
 
-The strategy on this machine, the run directory (a finished or interrupted run is never overwritten
+The strategy on this machine, LoRA targets, the run directory (a finished or interrupted run is never overwritten
 silently; it must be writable and have room for a checkpoint), the MLflow store (a SQLite file in an
 existing directory, a reachable server), `init_from`, the tokenizer against the model, every data set of
 every requested stage (read, tokenised, packed), and an SFT set whose every example is longer than
@@ -34,6 +34,7 @@ from ..data.sft import load_sft_examples
 from ..data.tokenizer import TOKENIZER_FILE, build_tokenizer, check_tokenizer_compatible
 from ..model.build import build_model
 from .config import TrainingConfig
+from .lora import check_lora
 from .strategy import check_strategy
 from .tracking import check_tracking_uri
 
@@ -198,6 +199,7 @@ def preflight(cfg: TrainingConfig) -> tuple[Any, dict[str, Any]]:
     check_strategy(cfg.strategy, cfg.accelerator, cfg.devices, cfg.num_nodes, precision=cfg.precision,
                    cpu_offload=cfg.fsdp_cpu_offload)
     check_init_from(cfg)  # what the user named first, then the machine (disk, store)
+    check_lora(cfg)
     if is_rank_zero():
         check_run_dir(cfg)
         check_tracking_uri(cfg.mlflow, cfg.runs_root)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import asdict
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -35,6 +36,7 @@ from ..runs import VAL_LOSS
 from .callbacks import LossPlateauLRSwitch, NonFiniteLossError, NonFiniteLossGuard, ThroughputMonitor
 from .config import TrainingConfig
 from .interrupt import GracefulStop
+from .lora import lora_run_params, stage_lora
 from .preflight import is_rank_zero, sft_init_path
 from .run_record import RunRecord
 from .step_checkpoint import StepCheckpoint
@@ -107,7 +109,8 @@ def _open_stage_run(tracker, cfg: TrainingConfig, stage: str, ckpt_path: Path | 
     if tracker is None:
         return None
     tracker.begin_stage(stage)
-    tracker.log_stage_params(stage, flatten(to_dict(cfg)))  # the full config on every run: each stands alone
+    # the full config on every run: each stands alone (+ a LoRA stage's trainable and total parameter counts)
+    tracker.log_stage_params(stage, {**flatten(to_dict(cfg)), **lora_run_params(cfg, stage)})
     if ckpt_path is not None:
         tracker.set_tag(stage, "illada.resumed_from", str(ckpt_path))
     return tracker.logger(stage)
@@ -215,8 +218,10 @@ def finish_stage(cfg, stage, trainer, module, datamodule, record, rollbacks, tra
     state = full_model_state(trainer, module)
     summary = _summary(stage, trainer, module, record, final_ckpt, val_loss, rollbacks)
     if trainer.is_global_zero:
+        lora = stage_lora(cfg, stage)  # model.pt holds the weights with the adapters merged in
         export_model(stage_dir / "model.pt", cfg.model, state, module.tokenizer_json,
-                     {"stage": stage, "global_step": trainer.global_step})
+                     {"stage": stage, "global_step": trainer.global_step,
+                      "lora_merged": asdict(lora) if lora else None})
         write_finished(stage_dir, summary)
         _record_finished(cfg, stage, summary, tracker, trainer.global_step)
     trainer.strategy.barrier("export")  # the next stage reads model.pt

@@ -7,7 +7,9 @@ Lightning's `ModelParallelStrategy` over a 1-D data-parallel mesh (`data_paralle
 - mixed precision: bf16 parameters for compute with fp32 gradient reduction on GPU when `precision` is
   bf16; fp32 throughout on CPU (gloo) or with `precision=32-true`;
 - `precision=bf16-true`: the model is cast to bf16 before sharding (weights, gradients, AdamW state: 8 B
-  per parameter instead of 16, how `illada_8b` fits one GPU);
+  per parameter instead of 16, how `illada_8b` fits one GPU); LoRA adapters (added by the module before
+  sharding, so sharded with their blocks) stay fp32 and are the only trainable parameters, which is all
+  FSDP2 asks of a parameter group's dtypes (uniform among trainable parameters);
 - optional CPU offload of parameters, gradients and optimizer state (`fsdp_cpu_offload=true`, GPU only);
 - activation checkpointing and `torch.compile` stay per block, applied by the module before sharding
   (`module.enable_block_checkpointing`, `MaskPredictor.compile_blocks`), so parameter names - and thus
@@ -48,6 +50,8 @@ from torch.distributed.fsdp import (
     fully_shard,
     register_fsdp_forward_method,
 )
+
+from ..model.lora import to_storage_dtype
 
 STRATEGY_NAMES = ("auto", "ddp", "fsdp")
 # Lightning's ModelParallelStrategy refuses fp16 with a gradient scaler (16-mixed); the others shard.
@@ -143,7 +147,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         if self.store_bf16 and not is_sharded(model):
             # precision=bf16-true: cast before sharding, so the shards (and AdamW state) are bf16 from the start
             # (Lightning's own cast comes after configure_model and would then be a no-op).
-            model.to(torch.bfloat16)
+            to_storage_dtype(model, torch.bfloat16)  # LoRA adapters stay fp32 (model/lora.py)
         shard_model(model, self.device_mesh["data_parallel"], param_dtype=self.param_dtype,
                     cpu_offload=self.cpu_offload)
 

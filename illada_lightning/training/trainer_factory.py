@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import Callback
 from ..logs import reapply_logging
 from .callbacks import LossPlateauLRSwitch, NonFiniteLossGuard, ThroughputMonitor
 from .config import TrainingConfig
+from .lora import stage_lora, trainer_precision
 from .module import DiffusionLMModule, PretrainModule, SFTModule
 from .progress import progress_callback
 from .slurm import cluster_environment
@@ -27,7 +28,7 @@ def build_module(cfg: TrainingConfig, stage: str, lr_scale: float = 1.0) -> Diff
     section = cfg.pretrain if stage == "pretrain" else cfg.sft
     cls = PretrainModule if stage == "pretrain" else SFTModule
     module = cls(cfg.model, cfg.diffusion, section.optim, section.schedule, seed=cfg.seed, lr_scale=lr_scale,
-                 activation_checkpointing=cfg.activation_checkpointing)
+                 activation_checkpointing=cfg.activation_checkpointing, lora=stage_lora(cfg, stage))
     if cfg.compile:
         module.model.compile_blocks()
     return module
@@ -67,13 +68,14 @@ def make_trainer(cfg: TrainingConfig, stage: str, stage_dir: Path, logger, extra
     val_every = section.val_every_n_steps
     max_epochs = -1 if stage == "pretrain" else section.epochs
     reapply_logging()  # a sweep imports Lightning after its command configured logging
+    precision, precision_plugins = trainer_precision(cfg.precision, stage_lora(cfg, stage))
     return pl.Trainer(
         accelerator=cfg.accelerator, devices=_devices(cfg.devices), num_nodes=cfg.num_nodes,
         strategy=make_strategy(cfg.strategy, cfg.accelerator, cfg.devices, cfg.num_nodes, precision=cfg.precision,
                                cpu_offload=cfg.fsdp_cpu_offload),
         # Under SLURM, SLURMEnvironment without Lightning's auto-requeue: SIGUSR1 is GracefulStop's (slurm.py).
-        plugins=[AtomicCheckpointIO(), *_cluster_plugins(cfg)],
-        precision=cfg.precision, max_steps=section.max_steps, max_epochs=max_epochs, max_time=section.max_time,
+        plugins=[AtomicCheckpointIO(), *_cluster_plugins(cfg), *precision_plugins],
+        precision=precision, max_steps=section.max_steps, max_epochs=max_epochs, max_time=section.max_time,
         accumulate_grad_batches=accumulate,
         gradient_clip_val=section.optim.grad_clip or None, gradient_clip_algorithm="norm",
         # Validation every `val_every` optimizer steps, counted across epochs (0: only the final one).
