@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import Callback
 
 from .callbacks import LossPlateauLRSwitch, NonFiniteLossGuard, ThroughputMonitor
 from .config import TrainingConfig
+from .float8 import convert_to_float8
 from .module import DiffusionLMModule, PretrainModule, SFTModule
 from .progress import StepProgressBar
 from .step_checkpoint import AtomicCheckpointIO, StepCheckpoint
@@ -25,7 +26,9 @@ def build_module(cfg: TrainingConfig, stage: str, lr_scale: float = 1.0) -> Diff
     section = cfg.pretrain if stage == "pretrain" else cfg.sft
     cls = PretrainModule if stage == "pretrain" else SFTModule
     module = cls(cfg.model, cfg.diffusion, section.optim, section.schedule, seed=cfg.seed, lr_scale=lr_scale,
-                 activation_checkpointing=cfg.activation_checkpointing)
+                 activation_checkpointing=cfg.activation_checkpointing, nan_check=cfg.nan_check)
+    if cfg.float8:  # before compile and FSDP, as torchtitan orders them (training/float8.py)
+        convert_to_float8(module.model, cfg.accelerator)
     if cfg.compile:
         module.model.compile_blocks()
     return module
