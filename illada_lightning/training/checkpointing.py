@@ -40,7 +40,8 @@ def parse_checkpointing(value, n_layers: int) -> tuple[str, int]:
 
 
 def _recompute(module) -> None:
-    from torch.utils.checkpoint import checkpoint  # torch-free import of this module: configs parse without it
+    # imported here: the config parses this module's values without torch
+    from torch.utils.checkpoint import checkpoint
 
     if getattr(module, "_checkpointed", False):
         return
