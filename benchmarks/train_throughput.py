@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import resource
 import statistics
 import tempfile
@@ -328,6 +329,7 @@ def describe(args, cfg, device, world: int) -> dict:
         "strategy": args.strategy, "world_size": world, "fsdp_cpu_offload": args.fsdp_cpu_offload,
         "p_split": 0.0 if args.padded else args.p_split, "steps": args.steps, "warmup": args.warmup,
         "label": args.label, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
     }
 
 

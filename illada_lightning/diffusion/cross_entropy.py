@@ -80,8 +80,13 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 grad_hidden[sl] = g @ w
             if weight.requires_grad:
                 gw = g.t() @ h[sl]
-                # Chunks are summed in float32; the first one needs no zero-filled accumulator.
-                grad_weight = gw.float() if grad_weight is None else grad_weight.add_(gw)
+                # Chunks are summed in float32 (a single chunk of a low-precision head needs no float32 copy);
+                # the first one needs no zero-filled accumulator.
+                if grad_weight is None:
+                    single = n <= chunk_size and weight.dtype != torch.float32
+                    grad_weight = gw if single else gw.float()
+                else:
+                    grad_weight.add_(gw)
         if grad_weight is not None and weight.dtype != torch.float32 and grad_weight.dtype == torch.float32:
             # A low-precision head (bf16-true) gets its gradient in its own dtype anyway: keep that, not the
             # float32 sum, alive until backward (half the bytes of a [vocab, d_model] matrix).
