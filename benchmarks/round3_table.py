@@ -62,11 +62,12 @@ def training_table(rows: list[tuple[str, dict]]) -> None:
 
 
 def decoding_tables(rows: list[tuple[str, dict]]) -> None:
-    for bench in ("sampler_fast", "sampler_task", "scoring_fast", "scoring_task"):
-        part = [r for _, r in rows if r.get("bench") == bench]
-        if not part:
-            continue
-        print(f"\n{bench} ({part[0].get('device')}, {part[0].get('preset')})")
+    groups: dict[tuple, list[dict]] = {}
+    for _, r in rows:
+        if r.get("bench") in ("sampler_fast", "sampler_task", "scoring_fast", "scoring_task"):
+            groups.setdefault((r["bench"], r.get("preset"), r.get("device")), []).append(r)
+    for (bench, preset, device), part in groups.items():
+        print(f"\n{bench} ({device}, {preset})")
         for r in part:
             par = r["parallel"] + (f"@{r['threshold']}" if r.get("threshold") is not None else "") + (
                 f"@{r['factor']}" if r.get("factor") is not None else "")
