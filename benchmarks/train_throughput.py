@@ -258,7 +258,7 @@ def run(args) -> dict:
 
     module._loss = counting_loss
     timer = StepTimer(device)
-    syncs = SyncCounter(n_batches - 1)
+    syncs = SyncCounter(args.warmup - 1 if args.warmup >= 2 else n_batches - 1)  # compiled by then, not timed
     callbacks = [timer, syncs]
     if args.nan_check != "none":  # what training adds: the guard on the loss, gradients and weights
         callbacks.append(NonFiniteLossGuard("stop", tempfile.mkdtemp(prefix="tp-guard-")))

@@ -29,8 +29,8 @@ def check_float8(accelerator: str = "auto") -> None:
     import torch
 
     if importlib.util.find_spec("torchao") is None:
-        raise Float8Error("float8=true needs torchao (pip install torchao; torchtitan's float8 training path), "
-                          "which is not installed")
+        raise Float8Error("float8=true needs torchao (pip install 'illada-lightning[float8]'; torchtitan's "
+                          "float8 training path), which is not installed")
     if accelerator == "cpu" or not torch.cuda.is_available():
         where = "accelerator=cpu" if accelerator == "cpu" else "no CUDA device is available"
         raise Float8Error(f"float8=true needs a GPU with float8 tensor cores (compute capability >= 8.9, "
