@@ -7,7 +7,7 @@
 #     bash benchmarks/gpu_round3.sh decode     # sampler (1b) and scoring (small) speed, random weights ~5 min
 #     CKPT=runs/x/sft bash benchmarks/gpu_round3.sh decode-ckpt   # the trained model: accuracy, agreement
 # Several sections in one call: `bash benchmarks/gpu_round3.sh mfu float8` (mind the 10-minute limit).
-# Each section writes $OUT/<section>.jsonl and $OUT/<section>.log (two files per section). The call ends within
+# Each section writes $OUT/<section>.jsonl and $OUT/<section>.log (mfu also a profiler table). The call ends within
 # BUDGET seconds (default 560, under the device's 10-minute limit): a command gets at most what is left (minus
 # the tables), one that would start with under 45 s left is skipped, and the script ends with the tables of
 # `python -m benchmarks.round3_table $OUT`.
@@ -66,7 +66,7 @@ section_mfu() {  # 1b as issue 23 measured it (49.8 %), then each lever; 50 loss
   local one=(--preset "$P1B" --batch-size 2 --backend varlen --compile "${B[@]}")
   [ "$DEVICE" = cpu ] && one=(--preset "$P1B" --batch-size 2 "${B[@]}")
   tp base "${one[@]}"
-  tp fused-loss "${one[@]}" --fused-loss
+  tp fused-loss "${one[@]}" --fused-loss --profile "$OUT/mfu_profile.txt"  # top kernels of its last 2 steps
   tp fused+deferred "${one[@]}" --fused-loss --nan-check deferred
   tp fused+sync-guard "${one[@]}" --fused-loss --nan-check sync
   tp fused-b3 "${one[@]}" --fused-loss --batch-size 3  # the last --batch-size counts
