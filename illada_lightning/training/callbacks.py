@@ -1,8 +1,9 @@
 """Lightning callbacks of the training loop: the plateau LR switch, the non-finite-loss guard, throughput.
 
 They read what `DiffusionLMModule.training_step` leaves on the module each micro-batch:
-`last_loss` (the loss averaged over ranks, a float), `nonfinite_step` (set when that loss was not finite and
-the update was skipped) and `tokens_seen` (non-padding tokens, a device tensor).
+`last_loss` (the loss averaged over ranks, a float; the previous micro-batch's under `nan_check=deferred`, read
+without stalling the GPU), `nonfinite_step` (set when that loss was not finite and the update was skipped) and
+`tokens_seen` (non-padding tokens, a device tensor).
 """
 
 from __future__ import annotations
