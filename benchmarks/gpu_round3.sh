@@ -26,13 +26,13 @@ export PYTHONUNBUFFERED=1
 FAILED=()
 
 if [ "$DEVICE" = cpu ]; then  # dry run: the same commands on tiny shapes
-  P1B=tiny; P8B=tiny; PSMALL=tiny; SEQ=64; B=(--device cpu --seq-len 64 --steps 2 --warmup 1)
+  P1B=tiny; P8B=tiny; PSMALL=tiny; B=(--device cpu --seq-len 64 --steps 2 --warmup 1)
   LONG=(--device cpu --seq-len 64 --steps 3 --warmup 1); EIGHT=(--device cpu --seq-len 64 --steps 2 --warmup 1)
   SAMPLER=(--device cpu --batch-size 2 --gen-length 8 --steps 8 --block-length 4 --min-prompt 4 --max-prompt 8)
   SCORING=(--device cpu --questions 4 --min-context 4 --max-context 8 --max-candidate 4)
   TASK=(--device cpu --task-limit 4 --gen-length 16 --steps 16 --block-length 8); CLOZE_LIMIT=4
 else
-  P1B=1b; P8B=illada_8b; PSMALL=small; SEQ=8192; B=(--seq-len 8192 --steps 45 --warmup 5)
+  P1B=1b; P8B=illada_8b; PSMALL=small; B=(--seq-len 8192 --steps 45 --warmup 5)
   LONG=(--seq-len 8192 --steps 290 --warmup 10); EIGHT=(--seq-len 8192 --steps 4 --warmup 2)
   SAMPLER=(); SCORING=(--questions 1838 --min-context 8 --max-context 48 --max-candidate 48)
   TASK=(--task-limit 250 --gen-length 64 --steps 64 --block-length 32); CLOZE_LIMIT=500
