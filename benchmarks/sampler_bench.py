@@ -6,9 +6,18 @@
     python -m benchmarks.sampler_bench --preset 1b --fast --out benchmarks/results/sampler_fast_h200.jsonl
 
 `--fast` (issue 17) times, in one run on the same prompts, the exact sampler (cache=none, parallel=off) and every
-`--cache` × `--parallel` setting (block KV cache, confidence-threshold parallel decoding), with the fraction of
-generated tokens identical to exact decoding (`token_agreement`). Random weights are far from a trained model's
-confidence profile, so `parallel=threshold` speed-ups here are not the ones a trained checkpoint gets.
+`--cache` × `--parallel` setting (block KV cache, confidence-threshold or factor-rule parallel decoding; with
+`--cuda-graph on|both` the cached steps replayed as CUDA graphs), with the fraction of generated tokens
+identical to exact decoding (`token_agreement`). Random weights are far from a trained model's confidence
+profile, so `parallel=threshold` speed-ups here are not the ones a trained checkpoint gets.
+
+A trained model (issue 23): `--ckpt PATH` (a run directory, checkpoint file or HF directory, `il.load_checkpoint`)
+replaces the random `--preset` model; `--task synthetic --task-limit N` then decodes the synthetic exact-match
+task (illada_lightning/evaluation) with every setting: exact-match accuracy ± SE, token agreement and answer
+agreement with exact decoding, tokens/s (`bench: sampler_task` rows; `--skip-random` drops the random-prompt rows):
+
+    python -m benchmarks.sampler_bench --fast --ckpt runs/small_gpu/sft --task synthetic --task-limit 250 \
+        --parallel off threshold factor --cuda-graph both --out $OUT/decode.jsonl
 
 The reference (`reference_generate`, below) is LLaDA's published algorithm written plainly: one prompt at a
 time, a [1, prompt + gen_length] input, full-sequence logits every step, low-confidence remasking
@@ -31,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from illada_lightning import build_model
+from illada_lightning.diffusion import block_cache
 from illada_lightning.diffusion.sampler import generate
 
 from .common import emit, environment, fill_preset_defaults, precision_scope, set_exact_fp32, timed
@@ -131,42 +141,138 @@ def run(args) -> dict:
     }
 
 
+def fast_model(args, device):
+    """(model, tokenizer, preset name): the trained `--ckpt` or random `--preset` weights, in the timing dtype."""
+    if args.ckpt:
+        import illada_lightning as il
+
+        model, tokenizer = il.load_checkpoint(args.ckpt, device=device)
+        name = f"{model.config.name} ({args.ckpt})"
+    else:
+        model, tokenizer, name = build_model(args.preset, device=device, init_std=args.init_std), None, args.preset
+    if args.dtype == "bf16" and device.type == "cuda":
+        model = model.to(torch.bfloat16)
+    return model.eval(), tokenizer, name
+
+
+def fast_settings(args) -> list[tuple[str, str, bool]]:
+    """(cache, parallel, cuda_graph): exact decoding first, then every requested combination."""
+    graphs = {"off": [False], "on": [True], "both": [False, True]}[args.cuda_graph]
+    rows = [("none", "off", False)]
+    for cache in args.cache:
+        for parallel in args.parallel:
+            for graph in (graphs if cache != "none" else [False]):
+                if (cache, parallel, graph) not in rows:
+                    rows.append((cache, parallel, graph))
+    return rows
+
+
+def token_agreement(out: list[list[int]], exact: list[list[int]]) -> float:
+    """Positions where a generation equals exact decoding, over the longer of the two (length differences count)."""
+    same = sum(a == b for f, r in zip(out, exact) for a, b in zip(f, r))
+    return same / max(1, sum(max(len(f), len(r)) for f, r in zip(out, exact)))
+
+
+def setting_fields(args, cache, parallel, graph) -> dict:
+    return {"cache": cache, "parallel": parallel, "cuda_graph": graph,
+            "threshold": args.threshold if parallel == "threshold" else None,
+            "factor": args.factor if parallel == "factor" else None}
+
+
 def run_fast(args) -> list[dict]:
     """Exact vs cached / parallel decoding on the same prompts: tokens/s, speed-up and token agreement."""
     device = torch.device(args.device)
-    model = build_model(args.preset, device=device, init_std=args.init_std).eval()
-    if args.dtype == "bf16" and device.type == "cuda":
-        model = model.to(torch.bfloat16)
+    model, tokenizer, name = fast_model(args, device)
+    rows = [] if args.skip_random else random_prompt_rows(args, model, name, device)
+    if args.task:
+        rows += task_rows(args, model, tokenizer, name, device)
+    return rows
+
+
+def random_prompt_rows(args, model, name, device) -> list[dict]:
     prompts = random_prompts(args.batch_size, args.min_prompt, args.max_prompt, model.config.vocab_size, args.seed)
     opts = dict(steps=args.steps, gen_length=args.gen_length, block_length=args.block_length, cfg_scale=args.cfg_scale,
                 logits_eos_inf=True, precision="bf16" if args.dtype == "bf16" else "fp32")
-    settings = [("none", "off")] + [(c, p) for c in args.cache for p in args.parallel if (c, p) != ("none", "off")]
     rows, exact = [], None
-    for cache, parallel in settings:
-        o = dict(opts, cache=cache, parallel=parallel, threshold=args.threshold)
+    for cache, parallel, graph in fast_settings(args):
+        o = dict(opts, cache=cache, parallel=parallel, threshold=args.threshold, factor=args.factor, cuda_graph=graph)
         generate(model, prompts[:2], **o)  # warm-up
+        before = dict(block_cache.graph_counts)
         out, seconds = timed(lambda o=o: generate(model, prompts, **o), device)
         exact = exact or (out, seconds)
-        same = sum(a == b for f, r in zip(out, exact[0]) for a, b in zip(f, r))
         rows.append({
-            "bench": "sampler_fast", "preset": args.preset, "cache": cache, "parallel": parallel,
-            "threshold": args.threshold if parallel == "threshold" else None,
+            "bench": "sampler_fast", "preset": name, **setting_fields(args, cache, parallel, graph),
             "tokens_per_s": len(prompts) * args.gen_length / seconds, "speedup_vs_exact": exact[1] / seconds,
-            "token_agreement": same / (len(prompts) * args.gen_length), "seconds": seconds,
+            "token_agreement": token_agreement(out, exact[0]), "seconds": seconds,
+            "graphs": {k: v - before[k] for k, v in block_cache.graph_counts.items()},
             "batch_size": args.batch_size, "prompt_len": [args.min_prompt, args.max_prompt],
             "gen_length": args.gen_length, "steps": args.steps, "block_length": args.block_length,
-            "cfg_scale": args.cfg_scale, "dtype": args.dtype, "init_std": args.init_std, **environment(device),
+            "cfg_scale": args.cfg_scale, "dtype": args.dtype, "init_std": None if args.ckpt else args.init_std,
+            **environment(device),
+        })
+    return rows
+
+
+def task_rows(args, model, tokenizer, name, device) -> list[dict]:
+    """The evaluation task decoded with every setting: accuracy ± SE and agreement with exact decoding."""
+    import time
+
+    from illada_lightning.diffusion.sampler_config import SamplerConfig
+    from illada_lightning.evaluation.backends import model_generator
+    from illada_lightning.evaluation.config import EvalConfig
+    from illada_lightning.evaluation.runner import evaluate
+
+    if tokenizer is None:
+        raise SystemExit("--task needs a tokenizer: the checkpoint (--ckpt) carries none")
+    rows, exact = [], None
+    for cache, parallel, graph in fast_settings(args):
+        sampler = SamplerConfig(steps=args.steps, gen_length=args.gen_length, block_length=args.block_length,
+                                variable_length=args.variable_length, cache=cache, parallel=parallel,
+                                threshold=args.threshold, factor=args.factor, cuda_graph=graph,
+                                precision="bf16" if args.dtype == "bf16" else "fp32")
+        cfg = EvalConfig(tasks=[args.task], sampler=sampler, limit=args.task_limit, batch_size=args.task_batch_size)
+        generated: list[list[int]] = []
+        inner = model_generator(model, tokenizer, cfg)
+
+        def recording(prompts, stop_strings=(), inner=inner, generated=generated):
+            out = inner(prompts, stop_strings)
+            generated.extend(out)
+            return out
+
+        start = time.perf_counter()
+        metrics = evaluate(model, tokenizer, [args.task], cfg, generator=recording)[args.task]
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+        answers = [tokenizer.decode(ids) for ids in generated]
+        exact = exact or (generated, answers, seconds)
+        rows.append({
+            "bench": "sampler_task", "preset": name, "task": args.task, **setting_fields(args, cache, parallel, graph),
+            "exact_match": metrics["exact_match"], "exact_match_stderr": metrics["exact_match_stderr"],
+            "n": metrics["n"], "token_agreement": token_agreement(generated, exact[0]),
+            "output_agreement": sum(a == b for a, b in zip(answers, exact[1])) / max(1, len(answers)),
+            "generated_tokens": sum(map(len, generated)), "seconds": seconds,
+            "tokens_per_s": sum(map(len, generated)) / seconds, "speedup_vs_exact": exact[2] / seconds,
+            "gen_length": args.gen_length, "steps": args.steps, "block_length": args.block_length,
+            "variable_length": args.variable_length, "dtype": args.dtype, **environment(device),
         })
     return rows
 
 
 def print_fast_table(rows: list[dict]) -> None:
-    print(f"\nfast decoding vs exact ({rows[0]['device']}, {rows[0]['preset']}, {rows[0]['dtype']})")
-    print(f"{'cache':7} {'parallel':10} {'tok/s':>9} {'speed-up':>9} {'agreement':>10}")
-    for r in rows:
-        par = r["parallel"] + (f"@{r['threshold']}" if r["threshold"] is not None else "")
-        print(f"{r['cache']:7} {par:10} {r['tokens_per_s']:9.1f} {r['speedup_vs_exact']:8.2f}x "
-              f"{r['token_agreement']:10.3f}")
+    for bench in ("sampler_fast", "sampler_task"):
+        part = [r for r in rows if r["bench"] == bench]
+        if not part:
+            continue
+        print(f"\n{bench}: fast decoding vs exact ({part[0]['device']}, {part[0]['preset']}, {part[0]['dtype']})")
+        print(f"{'cache':7} {'parallel':14} {'graph':5} {'tok/s':>9} {'speed-up':>9} {'agreement':>10}"
+              + ("  exact match" if bench == "sampler_task" else ""))
+        for r in part:
+            par = r["parallel"] + (f"@{r['threshold']}" if r["threshold"] is not None else "") + (
+                f"@{r['factor']}" if r["factor"] is not None else "")
+            acc = f"  {100 * r['exact_match']:.1f} ± {100 * r['exact_match_stderr']:.1f}%" if "exact_match" in r else ""
+            print(f"{r['cache']:7} {par:14} {str(r['cuda_graph']):5} {r['tokens_per_s']:9.1f} "
+                  f"{r['speedup_vs_exact']:8.2f}x {r['token_agreement']:10.3f}{acc}")
 
 
 def print_table(rows: list[dict], title: str) -> None:
@@ -203,8 +309,17 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="append one JSON line per run to this file")
     p.add_argument("--fast", action="store_true", help="time cache x parallel settings against the exact sampler")
     p.add_argument("--cache", nargs="+", default=["none", "prefix", "dual"], choices=["none", "prefix", "dual"])
-    p.add_argument("--parallel", nargs="+", default=["off", "threshold"], choices=["off", "threshold"])
+    p.add_argument("--parallel", nargs="+", default=["off", "threshold"], choices=["off", "threshold", "factor"])
     p.add_argument("--threshold", type=float, default=0.9)
+    p.add_argument("--factor", type=float, default=1.0, help="parallel=factor: Fast-dLLM's factor")
+    p.add_argument("--cuda-graph", default="off", choices=["off", "on", "both"],
+                   help="cached settings with cuda_graph=true (on), or both ways (both)")
+    p.add_argument("--ckpt", default=None, help="a trained model (run dir, checkpoint, HF dir) instead of --preset")
+    p.add_argument("--task", default=None, choices=["synthetic"], help="decode this evaluation task (needs --ckpt)")
+    p.add_argument("--task-limit", type=int, default=None, help="first N task examples")
+    p.add_argument("--task-batch-size", type=int, default=64, help="prompts per sampler call on the task")
+    p.add_argument("--variable-length", action="store_true", help="task: iLLaDA's block-by-block generation")
+    p.add_argument("--skip-random", action="store_true", help="only the task rows (with --task)")
     args = p.parse_args(argv)
     return fill_preset_defaults(args, PRESET_DEFAULTS[args.preset])
 

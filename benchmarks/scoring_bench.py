@@ -9,6 +9,9 @@
 `--fast` (issue 17) times confidence scoring exact (cache=none, parallel=off) against the context KV cache
 (`cache=context`) and threshold reveals (`parallel=threshold`) on the same questions: questions/s, speed-up, the
 largest score difference from exact scoring and the fraction of questions whose argmax choice is unchanged.
+A trained model (issue 23): `--ckpt PATH` (`il.load_checkpoint`) replaces the random `--preset` weights, and
+`--task cloze --task-limit N` scores the cloze task (illada_lightning/evaluation, corpus `--cloze-data`) with every
+setting: accuracy ± SE and argmax agreement with exact scoring (`bench: scoring_task` rows).
 
 References, written plainly, one candidate at a time with full-sequence logits:
 - confidence (iLLaDA Eq. 2): L forwards of [1, context + candidate], each revealing the ground-truth token at
@@ -160,22 +163,90 @@ def run(args, rule: str) -> dict:
     }
 
 
-def run_fast(args) -> list[dict]:
-    device = torch.device(args.device)
-    model = build_model(args.preset, device=device, init_std=args.init_std).eval()
+FAST_SETTINGS = (("none", "off"), ("context", "off"), ("none", "threshold"), ("context", "threshold"))
+
+
+def fast_model(args, device):
+    """(model, tokenizer, name): the trained `--ckpt` or random `--preset` weights, in the timing dtype."""
+    if args.ckpt:
+        import illada_lightning as il
+
+        model, tokenizer = il.load_checkpoint(args.ckpt, device=device)
+        name = f"{model.config.name} ({args.ckpt})"
+    else:
+        model, tokenizer, name = build_model(args.preset, device=device, init_std=args.init_std), None, args.preset
     if args.dtype == "bf16" and device.type == "cuda":
         model = model.to(torch.bfloat16)
+    return model.eval(), tokenizer, name
+
+
+def task_rows(args, model, tokenizer, name, device) -> list[dict]:
+    """The multiple-choice task scored with every setting: accuracy ± SE and argmax agreement with exact."""
+    import time
+
+    from illada_lightning.diffusion.scoring_config import ScoringConfig
+    from illada_lightning.evaluation.backends import model_scorer
+    from illada_lightning.evaluation.config import EvalConfig
+    from illada_lightning.evaluation.runner import evaluate
+
+    if tokenizer is None:
+        raise SystemExit("--task needs a tokenizer: the checkpoint (--ckpt) carries none")
+    rows, exact = [], None
+    for cache, parallel in FAST_SETTINGS:
+        scoring = ScoringConfig(rule="confidence", cache=cache, parallel=parallel, threshold=args.threshold,
+                                max_tokens_per_batch=args.max_tokens_per_batch,
+                                precision="bf16" if args.dtype == "bf16" else "fp32")
+        cfg = EvalConfig(tasks=[args.task], scoring=scoring, limit=args.task_limit,
+                         batch_size=args.task_batch_size, data={args.task: args.cloze_data})
+        scores: list[list[float]] = []
+        inner = model_scorer(model, cfg)
+
+        def recording(items, inner=inner, scores=scores):
+            out = inner(items)
+            scores.extend(out)
+            return out
+
+        start = time.perf_counter()
+        metrics = evaluate(model, tokenizer, [args.task], cfg, scorer=recording)[args.task]
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+        picks = [max(range(len(s)), key=s.__getitem__) for s in scores]
+        exact = exact or (picks, scores, seconds)
+        rows.append({
+            "bench": "scoring_task", "preset": name, "task": args.task, "rule": "confidence", "cache": cache,
+            "parallel": parallel, "threshold": args.threshold if parallel == "threshold" else None,
+            "acc": metrics["acc"], "acc_stderr": metrics["acc_stderr"], "acc_norm": metrics["acc_norm"],
+            "n": metrics["n"], "argmax_agreement": sum(a == b for a, b in zip(picks, exact[0])) / max(1, len(picks)),
+            "max_abs_score_diff": max((abs(a - b) for s, e in zip(scores, exact[1]) for a, b in zip(s, e)),
+                                      default=0.0),
+            "seconds": seconds, "questions_per_s": len(scores) / seconds, "speedup_vs_exact": exact[2] / seconds,
+            "dtype": args.dtype, **environment(device),
+        })
+    return rows
+
+
+def run_fast(args) -> list[dict]:
+    device = torch.device(args.device)
+    model, tokenizer, name = fast_model(args, device)
+    rows = [] if args.skip_random else random_item_rows(args, model, name, device)
+    if args.task:
+        rows += task_rows(args, model, tokenizer, name, device)
+    return rows
+
+
+def random_item_rows(args, model, name, device) -> list[dict]:
     items = random_items(args.questions, (args.min_context, args.max_context), (1, args.max_candidate),
                          args.choices, model.config.vocab_size, args.seed)
     opts = dict(max_tokens_per_batch=args.max_tokens_per_batch, precision="bf16" if args.dtype == "bf16" else "fp32")
     rows, exact = [], None
-    for cache, parallel in (("none", "off"), ("context", "off"), ("none", "threshold"), ("context", "threshold")):
+    for cache, parallel in FAST_SETTINGS:
         o = dict(opts, cache=cache, parallel=parallel, threshold=args.threshold)
         score_batch(model, items[:2], "confidence", **o)  # warm-up
         scores, seconds = timed(lambda o=o: score_batch(model, items, "confidence", **o), device)
         exact = exact or (scores, seconds)
         rows.append({
-            "bench": "scoring_fast", "preset": args.preset, "rule": "confidence", "cache": cache, "parallel": parallel,
+            "bench": "scoring_fast", "preset": name, "rule": "confidence", "cache": cache, "parallel": parallel,
             "threshold": args.threshold if parallel == "threshold" else None,
             "questions_per_s": len(items) / seconds,
             "tokens_per_s": sum(len(y) for _, ys in items for y in ys) / seconds,
@@ -217,6 +288,12 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="append one JSON line per run to this file")
     p.add_argument("--fast", action="store_true", help="confidence scoring: exact vs context cache / threshold")
     p.add_argument("--threshold", type=float, default=0.9)
+    p.add_argument("--ckpt", default=None, help="a trained model (run dir, checkpoint, HF dir) instead of --preset")
+    p.add_argument("--task", default=None, choices=["cloze"], help="score this evaluation task (needs --ckpt)")
+    p.add_argument("--task-limit", type=int, default=None)
+    p.add_argument("--task-batch-size", type=int, default=256, help="questions per scorer call on the task")
+    p.add_argument("--cloze-data", default="data/corpus/valid.txt", help="held-out text the cloze items come from")
+    p.add_argument("--skip-random", action="store_true", help="only the task rows (with --task)")
     args = p.parse_args(argv)
     return fill_preset_defaults(args, PRESET_DEFAULTS[args.preset])
 
@@ -225,13 +302,15 @@ def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     if args.fast:
         rows = run_fast(args)
-        print(f"\nconfidence scoring, fast vs exact ({rows[0]['device']}, {args.preset}, {args.dtype})")
-        print(f"{'cache':8} {'parallel':14} {'q/s':>8} {'speed-up':>9} {'identical':>9} {'argmax agree':>12}")
         for r in rows:
             emit(r, args.out)
+        print(f"\nconfidence scoring, fast vs exact ({rows[0]['device']}, {rows[0]['preset']}, {args.dtype})")
+        print(f"{'bench':13} {'cache':8} {'parallel':14} {'q/s':>8} {'speed-up':>9} {'argmax agree':>12} {'acc':>14}")
+        for r in rows:
             par = r["parallel"] + (f"@{r['threshold']}" if r["threshold"] is not None else "")
-            print(f"{r['cache']:8} {par:14} {r['questions_per_s']:8.2f} {r['speedup_vs_exact']:8.2f}x "
-                  f"{str(r['scores_identical']):>9} {r['argmax_agreement']:12.3f}")
+            acc = f"{100 * r['acc']:.1f} ± {100 * r['acc_stderr']:.1f}%" if "acc" in r else "-"
+            print(f"{r['bench']:13} {r['cache']:8} {par:14} {r['questions_per_s']:8.2f} {r['speedup_vs_exact']:8.2f}x "
+                  f"{r['argmax_agreement']:12.3f} {acc:>14}")
         return rows
     rows = []
     for rule in args.rules:

@@ -22,14 +22,26 @@ Its MFU keeps the full-training FLOPs count (`flops_basis`): frozen weights get 
 step does about 4/6 of that work; compare LoRA rows by tokens/s and peak memory.
 `--padded` is the no-packing baseline: one document per row, padded to the row length, SDPA with a mask.
 Writes one JSON line per configuration (`--out`) and prints a table.
+
+The levers of issue 23, each one option (defaults: the path measured before them): `--fused-loss` (the loss
+chunk's softmax gradient compiled), `--loss-chunk-size`, `--activation-checkpointing [none|full|mlp|N]`,
+`--float8` (torchao), `--nan-check none|sync|deferred` (none: the module's per-step loss sync only, as before;
+sync: plus NonFiniteLossGuard as training runs it; deferred: the device-side check), `--compile-mode`. Every row
+carries the first `--record-losses` losses (same seed and data in every variant: comparable across rows),
+`host_syncs_per_step` (torch.cuda sync debug mode over one step) and, on CUDA, an out-of-memory result
+(`"oom": true`) instead of a crash. On CUDA the model is built on the device (seeded), in bf16 for bf16-true.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import resource
 import statistics
+import tempfile
 import time
+import warnings
 from dataclasses import asdict
 
 import lightning.pytorch as pl
@@ -44,7 +56,9 @@ from illada_lightning.model.flops import training_flops
 from illada_lightning.model.lora import parameter_counts
 from illada_lightning.model.lora_config import LoraConfig
 from illada_lightning.provenance import git_commit
+from illada_lightning.training.callbacks import NonFiniteLossGuard
 from illada_lightning.training.config import OptimConfig, ScheduleConfig
+from illada_lightning.training.float8 import convert_to_float8
 from illada_lightning.training.lora import trainer_precision
 from illada_lightning.training.module import PretrainModule
 from illada_lightning.training.strategy import make_strategy
@@ -68,6 +82,31 @@ def measured_matmul_tflops(device: torch.device, n: int = 8192, reps: int = 20) 
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
     return 2 * n**3 / statistics.median(times) / 1e12
+
+
+def measured_float8_tflops(device: torch.device, n: int = 8192, reps: int = 20) -> float | None:
+    """float8 (e4m3) GEMM rate with per-tensor scales (what torchao's tensorwise recipe runs); None if absent."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+        return None
+    try:
+        a = torch.randn(n, n, device=device).to(torch.float8_e4m3fn)
+        b = torch.randn(n, n, device=device).to(torch.float8_e4m3fn).t()  # column-major, as _scaled_mm wants
+        one = torch.ones((), device=device)
+        fn = lambda: torch._scaled_mm(a, b, one, one, out_dtype=torch.bfloat16)  # noqa: E731
+        for _ in range(3):
+            fn()
+        times = []
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        return 2 * n**3 / statistics.median(times) / 1e12
+    except (RuntimeError, TypeError) as exc:  # an older torch's _scaled_mm signature
+        print(f"float8 GEMM rate not measured: {exc}")
+        return None
 
 
 def synthetic_documents(n_tokens: int, vocab: int, seed: int, max_len: int, min_docs: int = 0) -> list[np.ndarray]:
@@ -139,6 +178,27 @@ class StepTimer(pl.Callback):
         return list(self.times)
 
 
+class SyncCounter(pl.Callback):
+    """Host syncs during one training batch, counted by torch.cuda's sync debug mode (one warning each)."""
+
+    def __init__(self, batch: int):
+        self.batch, self.count, self._ctx = batch, None, None
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if batch_idx == self.batch and torch.cuda.is_available():
+            self._ctx = warnings.catch_warnings(record=True)
+            self._seen = self._ctx.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if self._ctx is not None and batch_idx == self.batch:
+            torch.cuda.set_sync_debug_mode("default")
+            self._ctx.__exit__(None, None, None)
+            self.count = sum("synchroniz" in str(w.message) for w in self._seen)
+            self._ctx = None
+
+
 class ProfileLastSteps(pl.Callback):
     """torch.profiler over the last `n` batches; writes the top kernels by device time to `path`."""
 
@@ -161,6 +221,32 @@ class ProfileLastSteps(pl.Callback):
             f.write(self.prof.key_averages().table(sort_by=key, row_limit=30))
 
 
+def build_module(args, cfg, device, lora: LoraConfig | None = None) -> PretrainModule:
+    """The module of every variant from the same seed; on CUDA built on the device (in bf16 for bf16-true), so
+    an 8B model neither waits for a CPU initialisation nor passes through a float32 copy on the GPU."""
+    torch.manual_seed(args.seed)
+    on_device = device.type == "cuda" and args.strategy == "auto" and not args.fsdp_cpu_offload
+    dtype = torch.bfloat16 if on_device and args.precision == "bf16-true" else torch.get_default_dtype()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device) if on_device else contextlib.nullcontext():
+            module = PretrainModule(
+                cfg, DiffusionConfig(loss_chunk_size=args.loss_chunk_size, fused_loss=args.fused_loss),
+                OptimConfig(lr=1e-4, warmup_steps=10, fused=True if args.nan_check == "deferred" else None),
+                ScheduleConfig(plateau_switch=False), seed=args.seed,
+                activation_checkpointing=args.activation_checkpointing,
+                nan_check="deferred" if args.nan_check == "deferred" else "sync", lora=lora,
+            )
+    finally:
+        torch.set_default_dtype(previous)
+    if args.float8:
+        convert_to_float8(module.model, "gpu" if device.type == "cuda" else "cpu")
+    if args.compile:
+        module.model.compile_blocks(**({"mode": args.compile_mode} if args.compile_mode else {}))
+    return module
+
+
 def run(args) -> dict:
     device = torch.device(args.device)
     cfg = get_preset(args.preset, max_seq_len=max(args.seq_len, get_preset(args.preset).max_seq_len),
@@ -168,23 +254,24 @@ def run(args) -> dict:
     n_batches = args.warmup + args.steps
     batches = make_batches(args, cfg, n_batches)
     lora = LoraConfig(rank=args.lora_rank, alpha=args.lora_alpha).check("--lora")
-    module = PretrainModule(
-        cfg, DiffusionConfig(), OptimConfig(lr=1e-4, warmup_steps=10), ScheduleConfig(plateau_switch=False),
-        seed=args.seed, activation_checkpointing=args.activation_checkpointing, lora=lora,
-    )
-    if args.compile:
-        module.model.compile_blocks()
+    module = build_module(args, cfg, device, lora)
     masked_counts: list[torch.Tensor] = []
+    losses: list[torch.Tensor] = []
     real_loss = module._loss
 
-    def counting_loss(batch, generator):  # record how many positions got LM-head logits (no host sync)
+    def counting_loss(batch, generator):  # record the loss and how many positions got logits (no host sync)
         out = real_loss(batch, generator)
-        masked_counts.append(out.n_masked.detach())
+        if module.training:
+            masked_counts.append(out.n_masked.detach())
+            losses.append(out.loss.detach().float())
         return out
 
     module._loss = counting_loss
     timer = StepTimer(device)
-    callbacks = [timer]
+    syncs = SyncCounter(args.warmup - 1 if args.warmup >= 2 else n_batches - 1)  # compiled by then, not timed
+    callbacks = [timer, syncs]
+    if args.nan_check != "none":  # what training adds: the guard on the loss, gradients and weights
+        callbacks.append(NonFiniteLossGuard("stop", tempfile.mkdtemp(prefix="tp-guard-")))
     if args.profile:
         callbacks.append(ProfileLastSteps(n_batches - 2, args.profile))
     accelerator = "gpu" if device.type == "cuda" else "cpu"
@@ -201,7 +288,12 @@ def run(args) -> dict:
     loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False, pin_memory=device.type == "cuda")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    trainer.fit(module, loader)
+    try:
+        trainer.fit(module, loader)
+    except torch.cuda.OutOfMemoryError as exc:  # a result too: how far it got and what it held
+        return {**describe(args, cfg, device, trainer.world_size), "oom": True, "error": str(exc).splitlines()[0],
+                "completed_steps": len(timer.times),
+                "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
     if not trainer.is_global_zero:
         return None
     world = trainer.world_size
@@ -213,13 +305,9 @@ def run(args) -> dict:
     peak = measured_matmul_tflops(device)
     # Every rank processes the same amount of work (its own masks): rank 0's counts times the world size.
     elapsed = sum(times)
+    recorded = torch.stack(losses[: args.record_losses]).tolist() if losses else []
     result = {
-        "preset": args.preset, "seq_len": args.seq_len, "batch_size": args.batch_size,
-        "backend": "sdpa" if args.padded else args.backend, "packing": not args.padded, "precision": args.precision,
-        "compile": args.compile, "activation_checkpointing": args.activation_checkpointing,
-        "strategy": args.strategy, "world_size": world, "fsdp_cpu_offload": args.fsdp_cpu_offload,
-        "p_split": 0.0 if args.padded else args.p_split, "steps": args.steps,
-        "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha if args.lora_rank else None,
+        **describe(args, cfg, device, world), "oom": False,
         **parameter_counts(module.model), "param_dtypes": param_dtypes(module.model),
         "flops_basis": "full training (6N + head + attention)",
         "tokens_per_s": world * sum(real_tokens) / elapsed,
@@ -227,9 +315,14 @@ def run(args) -> dict:
         "model_tflops_per_s": world * sum(flops) / elapsed / 1e12,
         "matmul_peak_tflops": peak,
         "mfu": (sum(flops) / elapsed / 1e12 / peak) if peak else None,  # per device
+        "float8_matmul_tflops": measured_float8_tflops(device) if args.float8 else None,
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+        "reserved_mem_gib": torch.cuda.max_memory_reserved() / 2**30 if device.type == "cuda" else None,
+        "device_mem_gib": (torch.cuda.get_device_properties(device).total_memory / 2**30
+                           if device.type == "cuda" else None),
         "host_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # CPU offload lives here
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "host_syncs_per_step": syncs.count,
+        "losses": recorded, "loss_mean_first": statistics.fmean(recorded) if recorded else None,
         "torch": torch.__version__, "commit": git_commit(), "model": asdict(cfg),
     }
     tokens_per_step = args.batch_size * args.seq_len
@@ -246,11 +339,31 @@ def param_dtypes(model) -> dict[str, list[str]]:
     return {k: sorted(v) for k, v in out.items()}
 
 
+def describe(args, cfg, device, world: int) -> dict:
+    """What the row measured (the options of this run)."""
+    return {
+        "preset": args.preset, "seq_len": args.seq_len, "batch_size": args.batch_size,
+        "backend": "sdpa" if args.padded else args.backend, "packing": not args.padded, "precision": args.precision,
+        "compile": args.compile, "compile_mode": args.compile_mode,
+        "activation_checkpointing": args.activation_checkpointing, "fused_loss": args.fused_loss,
+        "loss_chunk_size": args.loss_chunk_size, "float8": args.float8, "nan_check": args.nan_check,
+        "strategy": args.strategy, "world_size": world, "fsdp_cpu_offload": args.fsdp_cpu_offload,
+        "p_split": 0.0 if args.padded else args.p_split, "steps": args.steps, "warmup": args.warmup,
+        "label": args.label, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
+        "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha if args.lora_rank else None,
+    }
+
+
 def print_table(rows: list[dict]) -> None:
     head = (f"{'preset':8} {'seq':>6} {'bs':>3} {'backend':8} {'pack':5} {'cmp':4} {'lora':>4} {'tok/s':>10} "
             f"{'step ms':>8} {'MFU':>6} {'GiB':>6}")
     print(head)
     for r in rows:
+        if r.get("oom"):
+            print(f"{r['preset']:8} {r['seq_len']:>6} {r['batch_size']:>3} out of memory after "
+                  f"{r['completed_steps']} steps ({r['peak_mem_gib']:.1f} GiB)")
+            continue
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "-"
         print(f"{r['preset']:8} {r['seq_len']:>6} {r['batch_size']:>3} {r['backend']:8} {str(r['packing']):5} "
@@ -266,7 +379,15 @@ def parse_args(argv=None):
     p.add_argument("--padded", action="store_true", help="baseline: one document per padded row, SDPA")
     p.add_argument("--precision", default="bf16-mixed")
     p.add_argument("--compile", action="store_true")
-    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--compile-mode", default=None, help="torch.compile mode of the blocks (e.g. max-autotune-no-cudagraphs)")
+    p.add_argument("--activation-checkpointing", nargs="?", const="full", default="none",
+                   help="none | full (the bare flag) | mlp | N (the first N blocks)")
+    p.add_argument("--fused-loss", action="store_true", help="the loss chunk's softmax gradient compiled")
+    p.add_argument("--loss-chunk-size", type=int, default=8192)
+    p.add_argument("--float8", action="store_true", help="torchao float8 linears in the blocks")
+    p.add_argument("--nan-check", default="none", choices=["none", "sync", "deferred"])
+    p.add_argument("--record-losses", type=int, default=50, help="losses of the first N micro-batches in the row")
+    p.add_argument("--label", default=None, help="a name for the row (tables, comparisons)")
     p.add_argument("--p-split", type=float, default=0.3)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=5)

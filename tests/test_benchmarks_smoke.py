@@ -101,3 +101,21 @@ def test_fast_decoding_benchmarks_smoke(tmp_path):
     exact = [r for r in written if r["cache"] == "none" and r["parallel"] == "off"]
     assert len(exact) == 2 and all(r["speedup_vs_exact"] == 1.0 for r in exact)
     assert exact[0]["token_agreement"] == 1.0 and exact[1]["scores_identical"]
+
+
+def test_train_throughput_levers_record_losses_and_tabulate(tmp_path, capsys):
+    """The issue-23 options reach the module (deferred check, checkpointing plan, chunk size) and the rows carry
+    what round3_table compares: the first losses, equal for the same seed and numerics."""
+    from benchmarks import round3_table
+
+    out = tmp_path / "mfu.jsonl"
+    common = ["--preset", "tiny", "--device", "cpu", "--seq-len", "64", "--batch-size", "2", "--steps", "2",
+              "--warmup", "1", "--record-losses", "3", "--out", str(out)]
+    base = train_throughput.main([*common, "--label", "base"])
+    lever = train_throughput.main([*common, "--label", "lever", "--nan-check", "deferred", "--activation-checkpointing",
+                                   "1", "--loss-chunk-size", "16"])
+    assert len(base["losses"]) == 3 and lever["nan_check"] == "deferred" and lever["activation_checkpointing"] == "1"
+    assert lever["losses"] == pytest.approx(base["losses"], rel=1e-5)  # same seed, data and masks; same math
+    round3_table.main([str(tmp_path)])
+    table = capsys.readouterr().out
+    assert "base" in table and "lever" in table and "ref" in table

@@ -60,11 +60,12 @@ def statuses(root: Path, name: str = "default") -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_huge_lr_never_checkpoints_nonfinite_weights(tmp_path, data_cache):
+@pytest.mark.parametrize("nan_check", [[], ["nan_check=deferred", "pretrain.optim.fused=true"]], ids=["sync", "deferred"])
+def test_huge_lr_never_checkpoints_nonfinite_weights(tmp_path, data_cache, nan_check):
     """Item 1: lr=1e6 makes weights NaN while the loss is finite; nothing non-finite is saved or recommended,
-    and the MLflow runs end FAILED (item 5)."""
+    and the MLflow runs end FAILED (item 5). The same with the deferred (device-side) check."""
     cfg = small_config(tmp_path, data_cache, *QUICK, "pretrain.max_steps=12", "pretrain.ckpt_every_n_steps=2",
-                       "pretrain.optim.lr=1e6", "pretrain.optim.grad_clip=0", "on_nan=stop")
+                       "pretrain.optim.lr=1e6", "pretrain.optim.grad_clip=0", "on_nan=stop", *nan_check)
     with pytest.raises(NonFiniteLossError, match="non-finite at step") as info:
         run_experiment(cfg, preview=False)
     files = ckpt_files(tmp_path)

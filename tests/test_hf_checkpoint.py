@@ -330,23 +330,88 @@ def test_mis_shaped_weight_names_file_and_key(tmp_path):
         il.load_checkpoint(tmp_path / "ckpt")
 
 
-@pytest.mark.gpu
-def test_loads_bf16_on_the_gpu_with_no_float32_copy(tmp_path):
-    """Written for the device machine (not run in this session's CPU-only suite)."""
+def _compare(a: torch.Tensor, b: torch.Tensor) -> dict:
+    a, b = a.double(), b.double()
+    diff = (a - b).abs()
+    return {"rel_norm": float((a - b).norm() / b.norm()), "max_abs": float(diff.max()),
+            "frac_above_0.1": float((diff > 0.1).double().mean()), "identical": bool(torch.equal(a, b))}
+
+
+def bf16_parity(tmp_path, device: str = "cuda") -> dict:
+    """Is a bf16-vs-float32 logit difference bf16 arithmetic or the loading path? (the device machine's diagnostic)
+
+    The same weights (bf16 values) three ways: loaded from a bf16 checkpoint straight onto the GPU in bf16
+    (`loaded`), loaded from a float32 checkpoint and cast to bf16 on the GPU (`cast`: same weights, same kernels),
+    and the float32 reference forward on the CPU (`ref`); plus the float32 model on the GPU (TF32 off). A loading
+    defect makes loaded vs cast O(1); bf16 arithmetic makes loaded vs ref and cast vs ref alike, ~1e-3..1e-2.
+    `device="cpu"` runs the same comparison on the CPU (a smoke run of this function).
+    """
     conf = published_config(d_model=256, n_heads=4, n_kv_heads=2, mlp_hidden_size=768, embedding_size=4096,
                             vocab_size=4096, weight_tying=True)
     weights = {k: v.to(torch.bfloat16) for k, v in published_weights(conf).items()}
-    write_published(tmp_path / "ckpt", conf, weights)
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    model, _ = il.load_checkpoint(tmp_path / "ckpt", device="cuda")
-    params = list(model.parameters())
-    assert all(p.dtype == torch.bfloat16 and p.is_cuda for p in params)
-    model_bytes = sum(p.numel() * p.element_size() for p in params)
-    # the model plus one fused q|k|v being assembled, never a float32 copy (which alone would be 2x)
-    assert torch.cuda.max_memory_allocated() - base < 1.3 * model_bytes
+    write_published(tmp_path / "bf16", conf, weights)
+    write_published(tmp_path / "fp32", conf, {k: v.float() for k, v in weights.items()})
+    gpu = device == "cuda"
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        loaded, _ = il.load_checkpoint(tmp_path / "bf16", device="cuda")
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        loaded, _ = load_hf_checkpoint(tmp_path / "bf16", device="cpu", dtype=torch.bfloat16)
+        peak = None
+    fp32, _ = il.load_checkpoint(tmp_path / "fp32")  # float32 on the CPU
+    cast = build_model(fp32.config, device="meta")
+    cast.load_state_dict({k: v.to(device, torch.bfloat16) for k, v in fp32.state_dict().items()}, assign=True)
     ids = torch.randint(0, 4096, (2, 32), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        ours = model(ids.cuda()).float().cpu()
     ref = reference_forward({k: v.float() for k, v in weights.items()}, conf, ids)
-    torch.testing.assert_close(ours, ref, atol=0.1, rtol=0.05)  # bf16 activations vs a float32 reference
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.no_grad():
+            x = ids.to(device)
+            out = {"loaded": loaded(x).float().cpu(), "cast": cast.eval()(x).float().cpu(),
+                   "fp32_gpu": fp32.to(device)(x).float().cpu()}
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    params = list(loaded.parameters())
+    return {
+        "dtypes": sorted({str(p.dtype) for p in params}), "on_device": all(p.device.type == device for p in params),
+        "model_bytes": sum(p.numel() * p.element_size() for p in params), "load_peak_bytes": peak,
+        "logit_std": float(ref.std()), "logit_max_abs": float(ref.abs().max()),
+        "loaded_vs_cast": _compare(out["loaded"], out["cast"]), "loaded_vs_ref": _compare(out["loaded"], ref),
+        "cast_vs_ref": _compare(out["cast"], ref), "fp32_gpu_vs_ref": _compare(out["fp32_gpu"], ref),
+        "device": torch.cuda.get_device_name() if gpu else "cpu",
+    }
+
+
+def test_bf16_parity_diagnostic_runs_on_cpu(tmp_path):
+    """The device diagnostic's comparison on the CPU: bf16 weights loaded = the same weights cast, bitwise."""
+    stats = bf16_parity(tmp_path, device="cpu")
+    assert stats["dtypes"] == ["torch.bfloat16"] and stats["loaded_vs_cast"]["identical"]
+    assert stats["fp32_gpu_vs_ref"]["rel_norm"] < 1e-5 and 1e-4 < stats["loaded_vs_ref"]["rel_norm"] < 3e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_loads_bf16_on_the_gpu_with_no_float32_copy(tmp_path):
+    """bf16 weights load onto the GPU in bf16 without a float32 copy and compute what the same weights cast to
+    bf16 compute; the float32 reference is matched to bf16 arithmetic's accuracy.
+
+    The first version compared the largest element with the float32 reference (atol 0.1) and failed on an H100
+    (0.33 on 0.6 % of the logits): with logits up to ~15 a bf16 logit alone is stored with a step of 0.06, and
+    the attention logits amplify earlier rounding, so the largest element is the wrong measure. A loading defect
+    (wrong tensor, transposed, misplaced norm) is O(1) in the relative norm against the cast model, which runs
+    the same weights through the same kernels; bf16 arithmetic is 1e-3..1e-2 per operation against float32
+    (relative norm), compounded here over two all-bf16 layers."""
+    stats = bf16_parity(tmp_path)
+    assert stats["dtypes"] == ["torch.bfloat16"] and stats["on_device"]
+    # the model plus one fused q|k|v being assembled, never a float32 copy (which alone would be 2x)
+    assert stats["load_peak_bytes"] < 1.3 * stats["model_bytes"]
+    assert stats["fp32_gpu_vs_ref"]["rel_norm"] < 1e-4, stats  # the float32 model on the GPU is the reference
+    assert stats["loaded_vs_cast"]["rel_norm"] < 5e-3, stats  # same weights, same kernels (usually identical)
+    # bf16 arithmetic: 1e-3..1e-2 per operation; this all-bf16 model (bf16 residual stream, two layers) measures
+    # 1.6e-2 on the CPU with the same weights (test_bf16_parity_diagnostic_runs_on_cpu)
+    assert stats["loaded_vs_ref"]["rel_norm"] < 3e-2, stats
+    # and no worse than the cast model's own bf16 error: the loading path adds nothing
+    assert stats["loaded_vs_ref"]["rel_norm"] < 1.5 * stats["cast_vs_ref"]["rel_norm"] + 1e-3, stats

@@ -209,7 +209,57 @@ def test_every_step_reveals_at_least_one_token_and_never_beyond_the_block(two_la
     assert all(bool((c == MASK).all()) for c in canvases)  # nothing after the current block is revealed
 
 
+def _fast_dllm_factor_count(conf: list[float], factor: float) -> int:
+    """How many tokens Fast-dLLM's `get_transfer_index_dynamic` reveals for one row's masked confidences, written
+    from its loop (thresholds 1 - factor / (n + 1), the first forced), without its last-position quirk."""
+    ordered = sorted(conf, reverse=True)
+    for i, c in enumerate(ordered):
+        if i > 0 and c < 1 - factor / (i + 2):
+            return i
+    return len(ordered)
+
+
+def test_factor_rule_reveals_the_longest_prefix_under_its_rising_threshold():
+    block = torch.full((1, 4), MASK)
+    proposed = torch.tensor([[10, 11, 12, 13]])
+    conf = torch.tensor([[0.8, 0.99, 0.5, 0.9]], dtype=torch.float64)
+    # sorted 0.99, 0.9, 0.8, 0.5: (n + 1)(1 - c_n) = 0.02 (forced), 0.3, 0.8, 2.5
+    for factor, revealed in ((1.0, [10, 11, MASK, 13]), (0.5, [MASK, 11, MASK, 13]), (3.0, [10, 11, 12, 13])):
+        out = reveal_above_threshold(block, proposed, conf, 1, 0.9, MASK, factor=factor)
+        assert out[0].tolist() == revealed, factor
+    assert reveal_above_threshold(block, proposed, conf, 3, 0.9, MASK, factor=0.01)[0].tolist() == [10, 11, MASK, 13]
+    # random rows, some positions already revealed: the count of the released algorithm's loop, at least k
+    g = torch.Generator().manual_seed(1)
+    block = torch.full((64, 16), MASK)
+    block[torch.rand(64, 16, generator=g) < 0.3] = 9
+    conf = 1 - torch.rand(64, 16, generator=g, dtype=torch.float64) ** 3 * 0.5
+    proposed = torch.randint(10, 20, (64, 16), generator=g)
+    for factor in (0.5, 1.0, 2.0):
+        out = reveal_above_threshold(block, proposed, conf, 2, 0.9, MASK, factor=factor)
+        for r in range(64):
+            masked = block[r] == MASK
+            want = min(max(2, _fast_dllm_factor_count(conf[r][masked].tolist(), factor)), int(masked.sum()))
+            newly = masked & (out[r] != MASK)
+            assert int(newly.sum()) == want
+            if 0 < want < int(masked.sum()):  # the most confident ones went first
+                assert conf[r][newly].min() >= conf[r][masked & ~newly].max()
+
+
+@pytest.mark.parametrize("cache", ["none", "dual"])
+def test_factor_rule_in_the_sampler(two_layers, cache):
+    opts = dict(gen_length=12, steps=12, block_length=4, cache=cache, eos_token_id=None)
+    one_per_step = generate(two_layers, PROMPTS, **opts)
+    # a factor so small that only the forced first token passes: one token per step, as exact decoding
+    assert generate(two_layers, PROMPTS, parallel="factor", factor=1e-12, **opts) == one_per_step
+    fast = generate(two_layers, PROMPTS, parallel="factor", factor=50.0, **opts)  # everything passes at once
+    assert all(len(r) == 12 for r in fast)
+    # cuda_graph is a CUDA replay of the same step: on the CPU it changes nothing
+    assert generate(two_layers, PROMPTS, parallel="factor", factor=1.0, cuda_graph=True, **opts) == generate(
+        two_layers, PROMPTS, parallel="factor", factor=1.0, **opts)
+
+
 @pytest.mark.parametrize("options,match", [
+    (dict(parallel="factor", factor=0.0), "factor must be > 0"),
     (dict(cache="full"), "cache must be one of"),
     (dict(parallel="always"), "parallel must be one of"),
     (dict(parallel="threshold", threshold=0.0), "threshold must be > 0"),

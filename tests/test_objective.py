@@ -160,3 +160,49 @@ def test_chunked_linear_cross_entropy_matches_reference_values_and_grads(dtype):
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
     for got, want in zip(*results):
         torch.testing.assert_close(got.float(), want.float(), **tol)
+
+
+def test_fused_softmax_gradient_is_the_eager_one_in_float32_arithmetic():
+    """`softmax_grad` (what `fused_loss=true` compiles) against the in-place eager passes, on bf16 logits."""
+    from illada_lightning.diffusion.cross_entropy import _eager_softmax_grad, softmax_grad
+
+    g = torch.Generator().manual_seed(3)
+    logits = (4 * torch.randn(9, 300, generator=g)).to(torch.bfloat16)
+    tgt, tw = torch.randint(0, 300, (9,), generator=g), torch.rand(9, generator=g)
+    nll, grad = softmax_grad(logits, tgt, tw)
+    nll_e, grad_e = _eager_softmax_grad(logits, tgt, tw, torch.bfloat16)
+    assert grad.dtype == torch.bfloat16 and nll.dtype == torch.float32
+    torch.testing.assert_close(nll, nll_e, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad.float(), grad_e.float(), atol=0, rtol=0)  # same float32 math, one rounding
+    ref = torch.nn.functional.cross_entropy(logits.float(), tgt, reduction="none")
+    torch.testing.assert_close(nll, ref, atol=1e-5, rtol=1e-5)
+    # the gradient of sum_i w_i * nll_i, by autograd on float32 logits
+    lf = logits.float().requires_grad_()
+    (torch.nn.functional.cross_entropy(lf, tgt, reduction="none") * tw).sum().backward()
+    torch.testing.assert_close(grad.float(), lf.grad, atol=4e-3, rtol=1e-2)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_chunked_loss_under_bf16_autocast_and_with_a_bf16_head(monkeypatch, fused):
+    """bf16-mixed (float32 weights, autocast) and bf16-true (bf16 weights): the reference's values and
+    gradients within bf16 rounding; several chunks accumulate the head gradient; a bf16 head gets a bf16 one."""
+    from illada_lightning.diffusion import cross_entropy as ce
+
+    if fused:  # the compiled kernel is the GPU test's job: here the same function runs eagerly
+        monkeypatch.setattr(ce, "_compiled_softmax_grad", lambda: ce.softmax_grad)
+    g = torch.Generator().manual_seed(5)
+    h0, w0 = torch.randn(41, 32, generator=g), 0.3 * torch.randn(70, 32, generator=g)
+    tgt, tw = torch.randint(0, 70, (41,), generator=g), torch.rand(41, generator=g)
+    for weight_dtype, autocast in ((torch.float32, True), (torch.bfloat16, False)):
+        results = []
+        for fn in (lambda h, w: ce.linear_cross_entropy(h, w, tgt, tw, chunk_size=16, fused=fused),
+                   lambda h, w: ce.reference_linear_cross_entropy(h, w, tgt, tw)):
+            h = h0.to(weight_dtype).clone().requires_grad_()
+            w = w0.to(weight_dtype).clone().requires_grad_()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss, nll = fn(h, w)
+            (2.0 * loss).backward()
+            results.append((loss.detach().float(), nll.float(), h.grad.float(), w.grad))
+        assert results[0][3].dtype == weight_dtype
+        for got, want in zip(*results):
+            torch.testing.assert_close(got.float(), want.float(), atol=3e-2, rtol=3e-2)

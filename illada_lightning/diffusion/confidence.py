@@ -14,6 +14,10 @@ probability, and add that log-probability (L forwards for L tokens, deterministi
 - ``parallel="threshold"``: a step also reveals every still-masked ground-truth token whose probability
   exceeds `threshold` (at least the most confident one), adding all their log-probabilities.
 
+With the cache the LM head runs only at the still-masked slots (`_masked_log_probs`), not at every slot of
+every alive candidate: over a candidate of L tokens that is L(L+1)/2 head rows instead of L·longest, the
+largest cost of a cached step for a small model with a large vocabulary.
+
 Pairs come sorted longest candidate first, so the pack only shrinks at its end as candidates finish.
 """
 
@@ -133,6 +137,19 @@ def _step_layout(t: _Targets, alive: int, question, ctx_start, n_ctx_tokens: int
     return layout, key_src.to(device), rows.to(device), int(q_lens[:alive].sum())
 
 
+def _masked_log_probs(fwd, rows, targets, still_masked, count: int | None) -> torch.Tensor:
+    """log p(target) [alive, longest] at the still-masked slots (-inf elsewhere); the head runs only there.
+    `count`: how many are still masked, when the host knows it (no sync); else found on the device."""
+    flat = still_masked.reshape(-1)
+    if count is None:
+        where = flat.nonzero()[:, 0]
+    else:  # the masked slots first, in order: a fixed-size answer without a host sync
+        where = torch.sort((~flat).to(torch.uint8), stable=True).indices[:count]
+    out = torch.full(flat.shape, float("-inf"), dtype=torch.float64, device=flat.device)
+    out[where] = fwd.target_log_probs(rows.reshape(-1)[where], targets.reshape(-1)[where]).double()
+    return out.view(still_masked.shape)
+
+
 def confidence_cached(model, pairs, mask_id: int, cfg_scale: float, device, threshold=None,
                       n_masks: dict[int, int] | None = None) -> torch.Tensor:
     """Eq. 2 with each context's keys/values computed once and reused by every step of every candidate.
@@ -154,7 +171,9 @@ def confidence_cached(model, pairs, mask_id: int, cfg_scale: float, device, thre
         ids = torch.cat([ids, ids]) if cfg_scale else ids
         hidden, _ = cached_hidden_states(model, ids, layout, key_src, kv)
         fwd = PackedForward.from_features(hidden, model.output_weight, n_q, cfg_scale)
-        logp = fwd.target_log_probs(rows, t.targets[:alive]).double()
+        # one token revealed per pair and step without a threshold: len - step still masked in each alive pair
+        count = None if threshold is not None else int((t.cand_lens[:alive] - step).sum())
+        logp = _masked_log_probs(fwd, rows, t.targets[:alive], still_masked[:alive], count)
         r, s = _reveal(logp, still_masked, scores, alive, threshold)
         cand[r, s] = t.targets[r, s]
         if _done(still_masked, threshold):

@@ -64,8 +64,10 @@ def forward_process(
     return torch.where(masked, torch.full_like(input_ids, mask_token_id), input_ids), masked
 
 
-def masked_token_weights(masked: torch.Tensor, t: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
-    """Weight of each masked token (in `masked.nonzero()` order) in the Eq. 1 estimate.
+def masked_token_weights(masked: torch.Tensor, t: torch.Tensor, eligible: torch.Tensor,
+                         where: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+    """Weight of each masked token (in `masked.nonzero()` order, given as `where` if already computed) in
+    the Eq. 1 estimate.
 
     Token i of row b weighs 1 / (t_b * n_eligible_b * n_rows), n_rows counting rows with at least one
     eligible token; the loss is sum_i weight_i * nll_i.
@@ -73,7 +75,8 @@ def masked_token_weights(masked: torch.Tensor, t: torch.Tensor, eligible: torch.
     n_eligible = eligible.sum(1).float()
     n_rows = (n_eligible > 0).sum().clamp(min=1)
     row_weight = 1.0 / (t.float() * n_eligible.clamp(min=1) * n_rows)
-    return row_weight[masked.nonzero(as_tuple=True)[0]]
+    rows = (where if where is not None else masked.nonzero(as_tuple=True))[0]
+    return row_weight[rows]
 
 
 def diffusion_loss(
@@ -100,10 +103,12 @@ def diffusion_loss(
     noisy, masked = forward_process(input_ids, t, mask_token_id, loss_mask, generator)
     hidden = model.hidden_states(noisy, cu_seqlens, max_seqlen)
     eligible = torch.ones_like(masked) if loss_mask is None else loss_mask
+    # One nonzero (one host sync) serves the three gathers of the masked positions.
+    where = masked.nonzero(as_tuple=True)
     # Nothing masked gives a zero loss that still reaches the parameters, so backward() works.
     loss, _ = linear_cross_entropy(
-        hidden[masked], model.output_weight, input_ids[masked], masked_token_weights(masked, t, eligible),
-        cfg.loss_chunk_size,
+        hidden[where], model.output_weight, input_ids[where], masked_token_weights(masked, t, eligible, where),
+        cfg.loss_chunk_size, cfg.fused_loss,
     )
     n_masked = masked.sum()
     return DiffusionLoss(loss, t, masked, n_masked, n_masked / eligible.sum().clamp(min=1))

@@ -34,7 +34,8 @@ exact algorithm): ``cache="prefix"|"dual"`` computes each block's first step as 
 its keys/values of the prompt and finished blocks (and of the masked suffix, ``dual``) for the block's other
 steps (`block_cache.py`); ``parallel="threshold"`` reveals, at each step, every masked token of the block whose
 confidence exceeds ``threshold`` and at least the schedule's k, so a block may finish in fewer steps
-(`reveal_above_threshold`).
+(`reveal_above_threshold`); ``parallel="factor"`` is Fast-dLLM's factor rule, a threshold that rises with the
+number of tokens revealed together. ``cuda_graph=true`` replays each block's cached step as a CUDA graph.
 
 Batches: prompts of different lengths are packed into one flat sequence with `cu_seqlens` (no padding),
 so every prompt's result equals its one-by-one generation. A prompt whose completed blocks already contain
@@ -112,21 +113,34 @@ def reveal_step(
 
 def reveal_above_threshold(
     block: torch.Tensor, proposed: torch.Tensor, confidence: torch.Tensor, k: int, threshold: float,
-    mask_token_id: int, last: torch.Tensor | None = None,
+    mask_token_id: int, last: torch.Tensor | None = None, factor: float | None = None,
 ) -> torch.Tensor:
     """Confidence-aware parallel decoding (Fast-dLLM): reveal every masked position whose confidence exceeds
     `threshold`, and at least the k most confident ones (fewer only when fewer masks are left in the row).
 
+    `factor` (Fast-dLLM's factor rule, in place of the threshold): with the row's masked confidences sorted,
+    c_1 >= c_2 >= ..., reveal the longest prefix whose every n-th token has (n + 1)(1 - c_n) <= factor, i.e. a
+    threshold 1 - factor / (n + 1) that rises with the number of tokens revealed together (their Theorem 1:
+    greedy parallel decoding of n tokens agrees with sequential decoding when (n + 1) eps < 1, eps the largest
+    1 - c); the first token always goes. Unlike the released code, a prefix that fails only at the row's last
+    token does not reveal that token too.
     Rows may hold different numbers of masks here (they reveal different counts). `last` proposals (EOS under
-    `confidence_eos_inf`) never pass the threshold and are ranked below every other masked position.
+    `confidence_eos_inf`) never pass and are ranked below every other masked position.
     """
     masked = block == mask_token_id
     rank = confidence.clone()
     if last is not None:
         rank = torch.where(last, rank - 2.0, rank)
     rank = rank.masked_fill(~masked, float("-inf"))
-    count = torch.minimum((rank > threshold).sum(-1).clamp_min(k), masked.sum(-1))
-    order = rank.sort(dim=-1, descending=True, stable=True).indices
+    ranked, order = rank.sort(dim=-1, descending=True, stable=True)
+    if factor is None:
+        passing = (ranked > threshold).sum(-1)
+    else:
+        n = torch.arange(1, block.shape[-1] + 1, device=block.device)
+        ok = (n + 1) * (1 - ranked) <= factor
+        ok[:, 0] = True
+        passing = ok.long().cumprod(-1).sum(-1)  # the longest passing prefix
+    count = torch.minimum(passing.clamp_min(k), masked.sum(-1))
     take = torch.arange(block.shape[-1], device=block.device) < count[:, None]
     chosen = torch.zeros_like(masked).scatter(-1, order, take)
     return torch.where(chosen, proposed, block)
@@ -259,7 +273,7 @@ def generate_batch(
             x = source[src]
             bias = _think_bias(config, active, think_done, start, device)
             forward = BlockForward(model, seq_lens, prompt_lens[act], start, length, is_prompt, mask_id,
-                                   config.cfg_scale, config.cache, device)
+                                   config.cfg_scale, config.cache, device, config.cuda_graph)
 
             for k in schedule:
                 fwd = forward(x)
@@ -276,7 +290,7 @@ def generate_batch(
                     block = reveal_step(x[block_pos], proposed, confidence, k, mask_id, last)
                 else:
                     block = reveal_above_threshold(x[block_pos], proposed, confidence, k, config.threshold,
-                                                   mask_id, last)
+                                                   mask_id, last, config.factor if config.parallel == "factor" else None)
                 x[block_pos] = block
                 if config.parallel != "off" and not bool((block == mask_id).any()):  # host sync per step
                     break

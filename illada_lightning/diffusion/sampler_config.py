@@ -19,7 +19,7 @@ PRECISIONS = ("auto", "bf16", "fp32")  # inference precision (packed_inference.i
 CACHE_MODES = ("none", "prefix", "dual")  # block KV cache (block_cache.py)
 
 REMASKING = ("low_confidence", "random")
-PARALLEL_MODES = ("off", "threshold")
+PARALLEL_MODES = ("off", "threshold", "factor")
 
 
 @dataclass
@@ -49,7 +49,9 @@ class SamplerConfig:
     # Fast decoding (Fast-dLLM, Wu et al. 2025; approximate, see diffusion/block_cache.py). none/off: exact.
     cache: str = "none"  # none | prefix (prompt + finished blocks cached) | dual (also the masked suffix)
     parallel: str = "off"  # off | threshold: also reveal every masked block token with confidence > threshold
-    threshold: float = 0.9
+    threshold: float = 0.9  # | factor: Fast-dLLM's factor rule, (n + 1)(1 - c_n) <= factor for the n-th most confident
+    factor: float = 1.0
+    cuda_graph: bool = False  # cache != none on CUDA: replay each block's cached step as a CUDA graph (same tokens)
 
     def validate(self) -> SamplerConfig:
         def need(cond: bool, msg: str) -> None:
@@ -66,6 +68,7 @@ class SamplerConfig:
         need(self.cache in CACHE_MODES, f"cache must be one of {CACHE_MODES}, got {self.cache!r}")
         need(self.parallel in PARALLEL_MODES, f"parallel must be one of {PARALLEL_MODES}, got {self.parallel!r}")
         need(self.threshold > 0, f"threshold must be > 0, got {self.threshold}")
+        need(self.factor > 0, f"factor must be > 0, got {self.factor}")
         need(self.parallel == "off" or self.remasking == "low_confidence",
              f"parallel={self.parallel} ranks by confidence: it needs remasking=low_confidence, got {self.remasking!r}")
         need(self.think_boost_ramp >= 1, f"think_boost_ramp must be >= 1, got {self.think_boost_ramp}")

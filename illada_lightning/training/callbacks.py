@@ -1,8 +1,9 @@
 """Lightning callbacks of the training loop: the plateau LR switch, the non-finite-loss guard, throughput.
 
 They read what `DiffusionLMModule.training_step` leaves on the module each micro-batch:
-`last_loss` (the loss averaged over ranks, a float), `nonfinite_step` (set when that loss was not finite and
-the update was skipped) and `tokens_seen` (non-padding tokens, a device tensor).
+`last_loss` (the loss averaged over ranks, a float; the previous micro-batch's under `nan_check=deferred`, read
+without stalling the GPU), `nonfinite_step` (set when that loss was not finite and the update was skipped) and
+`tokens_seen` (non-padding tokens, a device tensor).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from lightning.pytorch.callbacks import Callback
 
 from ..checkpoint import CheckpointError, find_resume_checkpoint
 from .config import ScheduleConfig
-from .finite import grads_finite, weights_finite
+from .finite import grads_finite, nonfinite_flag, weights_finite
 from .plateau import PlateauDetector
 from .schedule import RecipeLR
 
@@ -133,6 +134,12 @@ class NonFiniteLossGuard(Callback):
       step checkpoints; poisoned weights are never saved. `describe()` says what to do next.
     - `rollback`: end this fit so the stage runner reloads the newest checkpoint with finite weights and
       continues with the LR scaled by `nan_lr_scale` (what LLaDA did after its one NaN at 1.2T tokens).
+
+    `nan_check=deferred` (the module carries a `finite_flag`): the loss and gradient checks run on the device
+    and set a sticky flag that the fused AdamW reads as `found_inf`, so the failed update and every one after
+    it change nothing; the host reads the flag a step later (no sync per step) and stops as above, naming the
+    step where it happened. The weights are checked on the host when that happens and before every save
+    (a poisoned update shows up as a non-finite loss at the next step, whose update is then skipped).
     """
 
     def __init__(self, mode: str, checkpoint_dir: str | Path):
@@ -148,14 +155,59 @@ class NonFiniteLossGuard(Callback):
         self.triggered_step, self.reason = step, reason
         trainer.should_stop = True
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        if getattr(pl_module, "finite_flag", None) is not None:
+            for opt in trainer.optimizers:
+                if not opt.defaults.get("fused"):
+                    raise ValueError("nan_check=deferred skips a non-finite update inside the fused AdamW "
+                                     "(found_inf), but this optimizer is not fused: set optim.fused=true")
+
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        flag = getattr(pl_module, "finite_flag", None)
+        if flag is not None:
+            bad = nonfinite_flag([p.grad for p in pl_module.parameters()], pl_module.device)
+            if trainer.world_size > 1:
+                bad = trainer.strategy.reduce(bad, reduce_op="sum")  # a device collective, no host sync
+            flag.mark(bad, trainer.global_step, kind=2)
+            for opt in trainer.optimizers:
+                opt.found_inf = flag.halt  # fused AdamW: 1 -> no update, optimizer state untouched
+            flag.snapshot()
+            return
         if self.triggered_step is None and not grads_finite(trainer, pl_module):
             for p in pl_module.parameters():
                 p.grad = None  # AdamW skips parameters without a gradient: the weights stay as they were
             self._trigger(trainer, trainer.global_step,
                           f"the gradients became non-finite at step {trainer.global_step} (the update was skipped)")
 
+    def _read_deferred(self, trainer, pl_module, wait: bool) -> None:
+        """nan_check=deferred: trigger from the device flag (an earlier step's snapshot unless `wait`)."""
+        state = pl_module.finite_flag.read(wait)
+        if state is None or not state[0] or self.triggered_step is not None:
+            return
+        _, step, kind = state
+        pl_module.nonfinite_step = step
+        self.poisoned = not weights_finite(trainer, pl_module)  # once, on the host: are they safe to save?
+        self._trigger(trainer, step, f"the {kind} became non-finite at step {step} (that update and the ones "
+                      "after it were skipped)" if not self.poisoned else
+                      f"the weights became non-finite by step {step}, where the {kind} turned non-finite")
+        self._report(trainer)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if getattr(pl_module, "finite_flag", None) is not None:
+            self._read_deferred(trainer, pl_module, wait=True)  # the last steps' flags
+
+    def _report(self, trainer) -> None:
+        log.error(self.reason)
+        if self.mode == "stop" and not self.poisoned and self.saved is None:
+            self.saved = self.checkpoint_dir / f"nonfinite-step={self.triggered_step:07d}.ckpt"
+            trainer.save_checkpoint(self.saved)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if getattr(pl_module, "finite_flag", None) is not None:
+            if trainer.global_step != self._seen_step:
+                self._seen_step = trainer.global_step
+                self._read_deferred(trainer, pl_module, wait=False)
+            return
         if self.triggered_step is None:
             step = getattr(pl_module, "nonfinite_step", None)
             if step is not None:
@@ -168,10 +220,7 @@ class NonFiniteLossGuard(Callback):
             self._seen_step = trainer.global_step
             if self.triggered_step is None:
                 return
-            log.error(self.reason)
-            if self.mode == "stop" and not self.poisoned and self.saved is None:
-                self.saved = self.checkpoint_dir / f"nonfinite-step={self.triggered_step:07d}.ckpt"
-                trainer.save_checkpoint(self.saved)
+            self._report(trainer)
 
     def describe(self) -> str:
         """What happened, what was saved and how to continue (`stop` mode; call after the fit)."""

@@ -16,9 +16,13 @@ from ..diffusion.config import DiffusionConfig
 from ..diffusion.sampler_config import SamplerConfig
 from ..model.config import PRESETS, ModelConfig
 from ..model.lora_config import LoraConfig
+from .checkpointing import parse_checkpointing
 
 STAGES = ("pretrain", "sft", "all")
 STRATEGIES = ("auto", "ddp", "fsdp")
+# sync: the loss, gradients and weights checked on the host every step (a host sync each);
+# deferred: checked on the device, a non-finite update skipped inside the fused AdamW, read a step later.
+NAN_CHECKS = ("sync", "deferred")
 PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "64-true")
 
 
@@ -207,8 +211,11 @@ class TrainingConfig:
     num_nodes: int = 1
     strategy: str = "auto"  # auto | ddp | fsdp
     precision: str = "32-true"  # bf16-mixed on GPU
-    activation_checkpointing: bool = False  # recompute each Transformer block in backward
+    # none|full|mlp|N (first N blocks); true = full, false = none (training/checkpointing.py)
+    activation_checkpointing: str = "none"
     compile: bool = False  # torch.compile each Transformer block (MaskPredictor.compile_blocks)
+    float8: bool = False  # torchao float8 linears in the blocks (training/float8.py; GPUs with sm_89+)
+    nan_check: str = "sync"  # sync | deferred (see NAN_CHECKS)
     fsdp_cpu_offload: bool = False  # strategy=fsdp on GPU: parameters, gradients, optimizer state in host memory
     # Under SLURM: SIGUSR1 (`#SBATCH --signal=USR1@90`) saves the step, then `scontrol requeue`s the job, which
     # resumes (needs resume=auto; training/slurm.py). false: SIGUSR1 saves and stops, like SIGTERM.
@@ -229,6 +236,16 @@ class TrainingConfig:
         _need(self.num_nodes >= 1, f"num_nodes must be >= 1, got {self.num_nodes}")
         _need(self.matmul_precision in (None, "highest", "high", "medium"),
               f"matmul_precision must be highest|high|medium or null, got {self.matmul_precision!r}")
+        _need(self.nan_check in NAN_CHECKS, f"nan_check must be one of {NAN_CHECKS}, got {self.nan_check!r}")
+        if self.nan_check == "deferred":
+            for where, optim in (("pretrain", self.pretrain.optim), ("sft", self.sft.optim)):
+                _need(optim.fused is not False and (optim.fused or self.accelerator not in ("cpu",)),
+                      f"nan_check=deferred skips a non-finite update inside the fused AdamW: set "
+                      f"{where}.optim.fused=true (or null on GPU), got {optim.fused}")
+        try:
+            parse_checkpointing(self.activation_checkpointing, self.model.n_layers)
+        except ValueError as exc:
+            raise ValueError(str(exc)) from None
         if self.init_from is not None:
             _need(self.stage in ("sft", "pretrain"), "init_from is for stage=sft or stage=pretrain (continued "
                   f"pretraining; stage=all chains its own runs), got stage={self.stage}")

@@ -16,21 +16,21 @@ clipping and the finiteness check then work on the local shards and sum over ran
 
 from __future__ import annotations
 
-import functools
 import math
 from collections import deque
 from dataclasses import asdict
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from ..diffusion.objective import DiffusionConfig, diffusion_loss
 from ..model.config import ModelConfig
 from ..model.lora import adapter_settings, add_adapters
 from ..model.lora_config import LoraConfig
 from ..model.transformer import MaskPredictor
-from .config import OptimConfig, ScheduleConfig
+from .checkpointing import enable_activation_checkpointing
+from .config import NAN_CHECKS, OptimConfig, ScheduleConfig
+from .finite import DeviceFlag
 from .lora import check_resumed_lora
 from .schedule import RecipeLR
 from .strategy import is_sharded, local_tensor
@@ -66,13 +66,19 @@ def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dic
 
 
 def enable_block_checkpointing(model: MaskPredictor) -> None:
-    """Recompute each Transformer block in backward (activation checkpointing), keeping parameter names
-    unchanged so checkpoints stay interchangeable with non-checkpointed runs."""
-    for block in model.blocks:
-        if getattr(block, "_checkpointed", False):
-            continue
-        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
-        block._checkpointed = True
+    """Recompute each Transformer block in backward (`activation_checkpointing=full`, training/checkpointing.py)."""
+    enable_activation_checkpointing(model, "full")
+
+
+def _host_copy(t: torch.Tensor):
+    """(host tensor, event): a copy that does not wait for the GPU queue (nan_check=deferred)."""
+    if not t.is_cuda:
+        return t.detach().clone(), None
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t.detach(), non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
 
 
 def global_grad_norm(parameters, strategy=None, device=None) -> torch.Tensor:
@@ -97,7 +103,8 @@ class DiffusionLMModule(pl.LightningModule):
         schedule: ScheduleConfig | dict | None = None,
         seed: int = 0,
         lr_scale: float = 1.0,
-        activation_checkpointing: bool = False,
+        activation_checkpointing: bool | str | int = False,
+        nan_check: str = "sync",
         lora: LoraConfig | dict | None = None,
     ):
         super().__init__()
@@ -113,8 +120,13 @@ class DiffusionLMModule(pl.LightningModule):
         }, logger=False)  # kept in checkpoints; MLflow gets the whole experiment config instead (tracking.py)
         self.seed, self.lr_scale = seed, lr_scale
         self.model = MaskPredictor(self.model_config)
-        if activation_checkpointing:
-            enable_block_checkpointing(self.model)
+        enable_activation_checkpointing(self.model, activation_checkpointing)
+        if nan_check not in NAN_CHECKS:
+            raise ValueError(f"nan_check must be one of {NAN_CHECKS}, got {nan_check!r}")
+        # nan_check=deferred: the loss stays on the device; a non-finite one is caught by NonFiniteLossGuard
+        # through this flag (the update skipped inside the fused AdamW) and its value read one step later.
+        self.finite_flag = DeviceFlag() if nan_check == "deferred" else None
+        self._pending_loss = None  # deferred: (step, host copy, event) of the last micro-batch's loss
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.float64), persistent=False)
         self.last_loss: float | None = None
         self.nonfinite_step: int | None = None
@@ -157,20 +169,45 @@ class DiffusionLMModule(pl.LightningModule):
         generator = self._generator(mixing_seed(self.seed, self.global_step, self._train_stream(batch_idx), 0))
         out = self._loss(batch, generator)
         # Averaged over ranks: every rank takes the same skip / plateau decision.
-        loss_value = float(self.trainer.strategy.reduce(out.loss.detach(), reduce_op="mean"))
-        self.last_loss = loss_value
-        if not math.isfinite(loss_value):
-            # Skip backward (`backward` below) and thus the update on every rank alike. Returning None would
-            # say the same, but Lightning refuses None under any multi-process strategy.
-            self.nonfinite_step, self._skip_backward = self.global_step, True
-            return out.loss
-        if len(self.first_losses) < 100:
-            self.first_losses.append((self.global_step, loss_value))
-        self.recent_losses.append((self.global_step, loss_value))
+        reduced = self.trainer.strategy.reduce(out.loss.detach(), reduce_op="mean")
+        if self.finite_flag is not None:  # no host sync: the previous micro-batch's loss is read instead
+            self._resolve_pending_loss()
+            self._pending_loss = (self.global_step, *_host_copy(reduced))
+            self.finite_flag.mark(~torch.isfinite(reduced), self.global_step, kind=1)
+        else:
+            loss_value = float(reduced)
+            self.last_loss = loss_value
+            if not math.isfinite(loss_value):
+                # Skip backward (`backward` below) and thus the update on every rank alike. Returning None
+                # would say the same, but Lightning refuses None under any multi-process strategy.
+                self.nonfinite_step, self._skip_backward = self.global_step, True
+                return out.loss
+            self._record_loss(self.global_step, loss_value)
         self.tokens_seen += self._count_tokens(batch)
         self.log("train/loss", out.loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
         self.log("train/masked_fraction", out.masked_fraction.float(), on_step=True, on_epoch=False)
         return out.loss
+
+    def _record_loss(self, step: int, value: float) -> None:
+        self.last_loss = value
+        if not math.isfinite(value):
+            return
+        if len(self.first_losses) < 100:
+            self.first_losses.append((step, value))
+        self.recent_losses.append((step, value))
+
+    def _resolve_pending_loss(self) -> None:
+        """nan_check=deferred: record the last micro-batch's loss (its copy finished long ago: no stall)."""
+        if self._pending_loss is None:
+            return
+        step, host, event = self._pending_loss
+        if event is not None:
+            event.synchronize()
+        self._pending_loss = None
+        self._record_loss(step, float(host))
+
+    def on_train_end(self) -> None:
+        self._resolve_pending_loss()
 
     def validation_step(self, batch: dict, batch_idx: int):
         # Fixed masks per validation batch: the same seed in every evaluation.

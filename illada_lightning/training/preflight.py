@@ -34,6 +34,7 @@ from ..data.sft import load_sft_examples
 from ..data.tokenizer import TOKENIZER_FILE, build_tokenizer, check_tokenizer_compatible
 from ..model.build import build_model
 from .config import TrainingConfig
+from .float8 import check_float8
 from .lora import check_lora
 from .strategy import check_strategy
 from .tracking import check_tracking_uri
@@ -198,6 +199,8 @@ def preflight(cfg: TrainingConfig) -> tuple[Any, dict[str, Any]]:
     """All checks that can fail, before training; returns (tokenizer, {stage: prepared datamodule})."""
     check_strategy(cfg.strategy, cfg.accelerator, cfg.devices, cfg.num_nodes, precision=cfg.precision,
                    cpu_offload=cfg.fsdp_cpu_offload)
+    if cfg.float8:
+        check_float8(cfg.accelerator)
     check_init_from(cfg)  # what the user named first, then the machine (disk, store)
     check_lora(cfg)
     if is_rank_zero():

@@ -62,6 +62,12 @@ class StepCheckpoint(Checkpoint):
             self.refused_step = trainer.global_step
             log.error("not saving %s: the weights hold NaN/inf", path)
             return None
+        flag = getattr(pl_module, "finite_flag", None)
+        state = flag.read(wait=True) if flag is not None else None
+        if state is not None and state[0]:  # nan_check=deferred: updates were skipped since a non-finite value
+            self.refused_step = trainer.global_step
+            log.error("not saving %s: the %s became non-finite at step %d", path, state[2], state[1])
+            return None
         trainer.save_checkpoint(path)
         trainer.strategy.barrier("step-checkpoint")
         if trainer.is_global_zero:

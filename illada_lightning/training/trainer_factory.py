@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import Callback
 from ..logs import reapply_logging
 from .callbacks import LossPlateauLRSwitch, NonFiniteLossGuard, ThroughputMonitor
 from .config import TrainingConfig
+from .float8 import convert_to_float8
 from .lora import stage_lora, trainer_precision
 from .module import DiffusionLMModule, PretrainModule, SFTModule
 from .progress import progress_callback
@@ -28,7 +29,10 @@ def build_module(cfg: TrainingConfig, stage: str, lr_scale: float = 1.0) -> Diff
     section = cfg.pretrain if stage == "pretrain" else cfg.sft
     cls = PretrainModule if stage == "pretrain" else SFTModule
     module = cls(cfg.model, cfg.diffusion, section.optim, section.schedule, seed=cfg.seed, lr_scale=lr_scale,
-                 activation_checkpointing=cfg.activation_checkpointing, lora=stage_lora(cfg, stage))
+                 activation_checkpointing=cfg.activation_checkpointing, nan_check=cfg.nan_check,
+                 lora=stage_lora(cfg, stage))
+    if cfg.float8:  # before compile and FSDP, as torchtitan orders them (training/float8.py)
+        convert_to_float8(module.model, cfg.accelerator)
     if cfg.compile:
         module.model.compile_blocks()
     return module
