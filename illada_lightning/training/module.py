@@ -25,9 +25,11 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from ..diffusion.objective import DiffusionConfig, diffusion_loss
+from ..diffusion.objective import DiffusionConfig, diffusion_loss, loss_by_mask_ratio
 from ..model.config import ModelConfig
+from ..model.flops import flops_from_counts, squared_segment_lengths
 from ..model.transformer import MaskPredictor
+from ..runs import MASK_RATIO_BINS
 from .config import OptimConfig, ScheduleConfig
 from .schedule import RecipeLR
 from .strategy import is_sharded, local_tensor
@@ -110,6 +112,11 @@ class DiffusionLMModule(pl.LightningModule):
         if activation_checkpointing:
             enable_block_checkpointing(self.model)
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.float64), persistent=False)
+        # Counted on the device every micro-batch and read only at log steps (callbacks.py): no host sync.
+        # Model FLOPs done (model/flops.py), and [loss sum, rows] per mask-ratio bin since the last log step.
+        self.register_buffer("flops_done", torch.zeros((), dtype=torch.float64), persistent=False)
+        self.register_buffer("mask_ratio_loss", torch.zeros(2, MASK_RATIO_BINS, dtype=torch.float64),
+                             persistent=False)
         self.last_loss: float | None = None
         self.nonfinite_step: int | None = None
         self._skip_backward = False
@@ -147,6 +154,18 @@ class DiffusionLMModule(pl.LightningModule):
         micro = batch_idx % max(1, self.trainer.accumulate_grad_batches)
         return micro * self.trainer.world_size + self.global_rank
 
+    def _count(self, batch: dict, out) -> None:
+        """Tokens, model FLOPs and the loss by mask ratio of a micro-batch, added up on the device."""
+        tokens = self._count_tokens(batch)
+        self.tokens_seen += tokens
+        ids = batch["input_ids"]
+        self.flops_done += flops_from_counts(self.model_config, tokens.to(torch.float64),
+                                             squared_segment_lengths(ids, batch.get("cu_seqlens")),
+                                             out.n_masked.to(torch.float64))
+        loss_mask = batch.get("loss_mask")
+        self.mask_ratio_loss += loss_by_mask_ratio(out.row_loss, out.t, None if loss_mask is None else loss_mask.any(1),
+                                                   MASK_RATIO_BINS)
+
     def training_step(self, batch: dict, batch_idx: int):
         generator = self._generator(mixing_seed(self.seed, self.global_step, self._train_stream(batch_idx), 0))
         out = self._loss(batch, generator)
@@ -161,7 +180,7 @@ class DiffusionLMModule(pl.LightningModule):
         if len(self.first_losses) < 100:
             self.first_losses.append((self.global_step, loss_value))
         self.recent_losses.append((self.global_step, loss_value))
-        self.tokens_seen += self._count_tokens(batch)
+        self._count(batch, out)
         self.log("train/loss", out.loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
         self.log("train/masked_fraction", out.masked_fraction.float(), on_step=True, on_epoch=False)
         return out.loss
