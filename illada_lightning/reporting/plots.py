@@ -13,7 +13,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.ticker import MaxNLocator, StrMethodFormatter  # noqa: E402
 
 # No software/date metadata in the files, so regenerating a report rewrites identical bytes.
 PNG_METADATA = {"Software": None}
@@ -114,6 +114,7 @@ def plot_throughput(tokens_per_s: dict[str, list[tuple[float, float]]], mfu: dic
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
+    axes[0, 0].yaxis.set_major_formatter(StrMethodFormatter("{x:,.0f}"))
     axes[-1, 0].set_xlabel(x_label)
-    axes[0, 0].set_title("Training throughput" + (" and MFU" if mfu else " (MFU: GPU runs only, none here)"))
+    axes[0, 0].set_title("Training throughput" + (" and MFU" if mfu else " (no run logged MFU: a GPU-only metric)"))
     return _save(fig, path)
