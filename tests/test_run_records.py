@@ -146,3 +146,24 @@ def test_report_plots_loss_against_tokens_with_the_switch_loss_by_mask_ratio_and
     assert [p[1] for p in axes["throughput.png"]] == ["throughput (tokens/s)", "MFU (% of measured bf16 GEMM rate)"]
     assert "| gpu/pretrain | 100,000 | 40.0% | 11.5 | 700.0 |" in md  # the first (start-up) interval left out
     assert "| cpu/pretrain | 3,000 | – | – | – |" in md
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_a_gpu_run_logs_mfu_memory_the_gemm_rate_and_system_metrics(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from illada_lightning.experiment.run import run_experiment
+
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
+    cfg = small_config(tmp_path, tmp_path / "cache", "accelerator=gpu", "precision=bf16-mixed", "stage=pretrain",
+                       "pretrain.max_steps=40", "pretrain.val_every_n_steps=0", "pretrain.log_every_n_steps=10")
+    result = run_experiment(cfg, preview=False)
+    client = MlflowClient(result["tracking_uri"])
+    run = client.get_run(result["mlflow_runs"]["pretrain"])
+    assert float(run.data.params[runs.GEMM_TFLOPS_PARAM]) > 10  # any CUDA GPU of this decade
+    mfu = [m.value for m in client.get_metric_history(run.info.run_id, runs.MFU)]
+    assert len(mfu) == 4 and all(0 < v < 1 for v in mfu)
+    assert 0 < run.data.metrics[runs.MAX_MEMORY_GIB] < 80
+    assert set(runs.LOSS_BY_MASK_RATIO) <= set(run.data.metrics)
+    assert "system/gpu_0_utilization_percentage" in run.data.metrics  # system metrics on by default on GPU
