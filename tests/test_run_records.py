@@ -105,19 +105,19 @@ def test_report_plots_loss_against_tokens_with_the_switch_loss_by_mask_ratio_and
     steps = range(10, 110, 10)
     gpu = client.create_run(exp, run_name="gpu/pretrain").info.run_id  # what a GPU pretraining run logs
     _log_history(client, gpu, runs.TRAIN_LOSS, [(s - 1, 8.0 - 0.02 * s) for s in steps])
-    _log_history(client, gpu, runs.TOKENS_SEEN, [(s, 4096.0 * s) for s in steps])
-    _log_history(client, gpu, runs.TOKENS_PER_S, [(s, 1e5 if s > 10 else 2e4) for s in steps])
-    _log_history(client, gpu, runs.MFU, [(s, 0.40 if s > 10 else 0.05) for s in steps])
-    _log_history(client, gpu, runs.MAX_MEMORY_GIB, [(s, 11.5) for s in steps])
+    _log_history(client, gpu, runs.TOKENS_SEEN, [(s - 1, 4096.0 * s) for s in steps])
+    _log_history(client, gpu, runs.TOKENS_PER_S, [(s - 1, 1e5 if s > 10 else 2e4) for s in steps])
+    _log_history(client, gpu, runs.MFU, [(s - 1, 0.40 if s > 10 else 0.05) for s in steps])
+    _log_history(client, gpu, runs.MAX_MEMORY_GIB, [(s - 1, 11.5) for s in steps])
     for k, name in enumerate(runs.LOSS_BY_MASK_RATIO):  # higher loss at higher mask ratio, falling with training
-        _log_history(client, gpu, name, [(s, 5.0 + k - 0.01 * s) for s in steps])
-    client.log_metric(gpu, runs.LR_SWITCH_STEP, 50.0, step=50)
-    client.set_tag(gpu, runs.LR_SWITCH_TAG, "50")
+        _log_history(client, gpu, name, [(s - 1, 5.0 + k - 0.01 * s) for s in steps])
+    client.log_metric(gpu, runs.LR_SWITCH_STEP, 49.0, step=49)
+    client.set_tag(gpu, runs.LR_SWITCH_TAG, "49")
     client.log_param(gpu, runs.GEMM_TFLOPS_PARAM, "700.0")
     cpu = client.create_run(exp, run_name="cpu/pretrain").info.run_id  # a CPU run: no MFU, no memory
     _log_history(client, cpu, runs.TRAIN_LOSS, [(s - 1, 8.5 - 0.01 * s) for s in steps])
-    _log_history(client, cpu, runs.TOKENS_SEEN, [(s, 2048.0 * s) for s in steps])
-    _log_history(client, cpu, runs.TOKENS_PER_S, [(s, 3e3) for s in steps])
+    _log_history(client, cpu, runs.TOKENS_SEEN, [(s - 1, 2048.0 * s) for s in steps])
+    _log_history(client, cpu, runs.TOKENS_PER_S, [(s - 1, 3e3) for s in steps])
 
     axes = {}
     save = plots._save
@@ -137,12 +137,12 @@ def test_report_plots_loss_against_tokens_with_the_switch_loss_by_mask_ratio_and
             assert len(set(styles)) == len(styles), (name, styles)
     (x_label, y_label, _), = axes["training_loss.png"]
     assert x_label == "tokens seen (thousands)" and "nats/token" in y_label
-    assert "`gpu/pretrain` (run" in md and "plateau LR switch at step 50 (204,800 tokens seen)" in md
+    assert "`gpu/pretrain` (run" in md and "plateau LR switch at step 49 (204,800 tokens seen)" in md
     assert "`cpu/pretrain` (run" in md and "no LR switch logged" in md
     assert axes["loss_by_mask_ratio.png"][0][0].startswith("mask ratio t (%)")
-    # The profile table: the first interval and the mean of the last quarter of the logged span (steps 70-100) per bin.
-    assert "| gpu/pretrain | step 10 | 4.900 | 5.900 | 6.900 | 7.900 | 8.900 |" in md
-    assert "| gpu/pretrain | steps 70-100 | 4.150 | 5.150 | 6.150 | 7.150 | 8.150 |" in md
+    # The profile table: the first interval and the mean of the last quarter of the logged span (steps 69-99) per bin.
+    assert "| gpu/pretrain | step 9 | 4.900 | 5.900 | 6.900 | 7.900 | 8.900 |" in md
+    assert "| gpu/pretrain | steps 69-99 | 4.150 | 5.150 | 6.150 | 7.150 | 8.150 |" in md
     assert [p[1] for p in axes["throughput.png"]] == ["throughput (tokens/s)", "MFU (% of measured bf16 GEMM rate)"]
     assert "| gpu/pretrain | 100,000 | 40.0% | 11.5 | 700.0 |" in md  # the first (start-up) interval left out
     assert "| cpu/pretrain | 3,000 | – | – | – |" in md

@@ -65,9 +65,10 @@ class RunCurves:
     memory: list[tuple[int, float]] = field(default_factory=list)
 
     def tokens_at(self, step: float) -> float:
-        """Tokens seen at `step`, interpolated in the logged history (from 0 tokens at step 0), and extrapolated
-        at the last logged rate past its end (the loss of the last steps is logged after the last interval)."""
-        steps = [0] + [s for s, _ in self.tokens]
+        """Tokens seen at `step`, interpolated in the logged history (none before step 0: a run logs the tokens
+        seen at the step of the interval's last batch, as Lightning logs its loss), and extrapolated at the last
+        logged rate past its end."""
+        steps = [-1] + [s for s, _ in self.tokens]
         seen = [0.0] + [v for _, v in self.tokens]
         if step > steps[-1] and steps[-1] > steps[-2]:
             return seen[-1] + (step - steps[-1]) * (seen[-1] - seen[-2]) / (steps[-1] - steps[-2])

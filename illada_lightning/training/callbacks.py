@@ -291,7 +291,9 @@ class ThroughputMonitor(Callback):
             metrics[MAX_MEMORY_GIB] = float(trainer.strategy.reduce(peak, reduce_op="max")) / 2**30
             torch.cuda.reset_peak_memory_stats(pl_module.device)
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
+            # At Lightning's step for this batch (`self.log` in training_step logs at the step before the update
+            # it makes): MLflow then pairs `train/loss` with `train/tokens_seen` for a tokens x-axis.
+            logger.log_metrics(metrics, step=step - 1)
         pl_module.last_throughput = metrics["train/tokens_per_s"]
         self.train_seconds += elapsed
         self.train_tokens += tokens - self._tokens0

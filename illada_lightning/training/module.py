@@ -111,12 +111,12 @@ class DiffusionLMModule(pl.LightningModule):
         self.model = MaskPredictor(self.model_config)
         if activation_checkpointing:
             enable_block_checkpointing(self.model)
-        self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.float64), persistent=False)
-        # Counted on the device every micro-batch and read only at log steps (callbacks.py): no host sync.
-        # Model FLOPs done (model/flops.py), and [loss sum, rows] per mask-ratio bin since the last log step.
-        self.register_buffer("flops_done", torch.zeros((), dtype=torch.float64), persistent=False)
-        self.register_buffer("mask_ratio_loss", torch.zeros(2, MASK_RATIO_BINS, dtype=torch.float64),
-                             persistent=False)
+        # Counted on the device every micro-batch and read only at log steps (callbacks.py: no host sync per
+        # step): non-padding tokens, model FLOPs (model/flops.py), and [loss sum, rows] per mask-ratio bin since
+        # the last log step. Plain tensors, not buffers: DDP would copy rank 0's buffers into every rank.
+        self.tokens_seen = torch.zeros((), dtype=torch.float64)
+        self.flops_done = torch.zeros((), dtype=torch.float64)
+        self.mask_ratio_loss = torch.zeros(2, MASK_RATIO_BINS, dtype=torch.float64)
         self.last_loss: float | None = None
         self.nonfinite_step: int | None = None
         self._skip_backward = False
@@ -248,6 +248,12 @@ class DiffusionLMModule(pl.LightningModule):
         shard = getattr(self.trainer.strategy, "shard", None)
         if shard is not None:
             shard(self.model)
+
+    def on_fit_start(self) -> None:
+        # Lightning moves parameters and buffers to the device; the counters follow here, before any
+        # callback's on_train_start reads them.
+        for name in ("tokens_seen", "flops_done", "mask_ratio_loss"):
+            setattr(self, name, getattr(self, name).to(self.device))
 
     def on_train_start(self) -> None:
         # After a checkpoint restore: a rollback after a non-finite loss asks for a lower LR than the saved one.
