@@ -14,8 +14,9 @@ MFU = model FLOPs / step time / measured bf16 matmul rate, where
   - model FLOPs (`model.flops.training_flops`): 6 x non-embedding params x tokens, plus the LM-head matmul
     (6 x vocab x d_model) for the positions where the loss computes logits (the masked ones), plus the
     bidirectional attention matmuls for the actual document lengths of the batch;
-  - the matmul rate is measured in the same run: an 8192^3 bf16 GEMM timed with CUDA events (median of 20),
-    so the ratio is honest on any GPU, not a datasheet peak.
+  - the matmul rate is measured in the same run (`model.flops.measured_gemm_tflops`, the rate training logs
+    as `perf.gemm_tflops`): an 8192^3 bf16 GEMM timed with CUDA events (median of 20), so the ratio is
+    honest on any GPU, not a datasheet peak.
 `--lora-rank R` trains peft LoRA adapters of rank R on the block projections (`sft.lora`, model/lora.py)
 with the base frozen; with `--precision bf16-true` the base is bf16 and the adapters fp32, as in training.
 Its MFU keeps the full-training FLOPs count (`flops_basis`): frozen weights get no weight gradients, so a LoRA
@@ -52,7 +53,7 @@ from illada_lightning.data.packing import PackedRows, collate_packed_rows
 from illada_lightning.data.stream import pack_documents
 from illada_lightning.diffusion.objective import DiffusionConfig
 from illada_lightning.model.config import get_preset
-from illada_lightning.model.flops import training_flops
+from illada_lightning.model.flops import measured_gemm_tflops, training_flops
 from illada_lightning.model.lora import parameter_counts
 from illada_lightning.model.lora_config import LoraConfig
 from illada_lightning.provenance import git_commit
@@ -64,24 +65,6 @@ from illada_lightning.training.module import PretrainModule
 from illada_lightning.training.strategy import make_strategy
 
 from .common import emit
-
-
-def measured_matmul_tflops(device: torch.device, n: int = 8192, reps: int = 20) -> float | None:
-    """bf16 GEMM rate of this device, measured now (random data: zeros run faster than real data)."""
-    if device.type != "cuda":
-        return None
-    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
-    for _ in range(3):
-        a @ b
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        a @ b
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return 2 * n**3 / statistics.median(times) / 1e12
 
 
 def measured_float8_tflops(device: torch.device, n: int = 8192, reps: int = 20) -> float | None:
@@ -302,7 +285,7 @@ def run(args) -> dict:
     n_masked = [int(c) for c in masked_counts[args.warmup:]]
     real_tokens = [int(b["loss_mask"].sum()) if b["loss_mask"] is not None else b["input_ids"].numel() for b in timed]
     flops = [training_flops(cfg, useful_lengths(b), m) for b, m in zip(timed, n_masked)]
-    peak = measured_matmul_tflops(device)
+    peak = measured_gemm_tflops(device)
     # Every rank processes the same amount of work (its own masks): rank 0's counts times the world size.
     elapsed = sum(times)
     recorded = torch.stack(losses[: args.record_losses]).tolist() if losses else []

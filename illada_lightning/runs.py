@@ -44,13 +44,32 @@ SWEEP_ERROR_TAG = "sweep.error"
 SWEEP_STATE_TAG = "sweep.state"  # the Optuna state: COMPLETE | PRUNED | FAIL
 
 # Metrics -----------------------------------------------------------------------------------------------------------
-# Logged by the training LightningModules and callbacks (training/module.py, training/callbacks.py).
+# Logged by the training LightningModules and callbacks (training/module.py, training/callbacks.py), every
+# `log_every_n_steps` optimizer steps unless said otherwise.
 TRAIN_LOSS = "train/loss"
 VAL_LOSS = "val/loss"
+TOKENS_PER_S = "train/tokens_per_s"
+TOKENS_SEEN = "train/tokens_seen"  # non-padding tokens trained on, all ranks: the x axis to compare runs by
+MFU = "train/mfu"  # model FLOPs/s over the measured bf16 GEMM rate (GPU only; a fraction, 0-1)
+MAX_MEMORY_GIB = "train/max_memory_gib"  # peak GPU memory allocated by torch in the interval (GPU only)
+# The 1/t-weighted loss (iLLaDA Eq. 1) of the rows whose mask ratio t falls in each fifth of [0, 1], averaged
+# over the rows of the log interval: how the loss depends on the noise level.
+MASK_RATIO_BINS = 5
+LOSS_BY_MASK_RATIO = tuple(f"train/loss_t{100 * k // MASK_RATIO_BINS}_{100 * (k + 1) // MASK_RATIO_BINS}"
+                           for k in range(MASK_RATIO_BINS))
+# The plateau LR switch (pretraining), logged once at the step it happens, and tagged on the stage's run.
+LR_SWITCH_STEP = "train/lr_switch_step"
+LR_SWITCH_LOSS = "train/lr_switch_loss"  # the smoothed training loss at the switch
 TRAINING_METRICS = frozenset({
-    TRAIN_LOSS, "train/masked_fraction", "train/grad_norm", "train/lr", "train/tokens_per_s",
-    "train/steps_per_s", "train/tokens_seen", VAL_LOSS,
+    TRAIN_LOSS, "train/masked_fraction", "train/grad_norm", "train/lr", TOKENS_PER_S,
+    "train/steps_per_s", TOKENS_SEEN, VAL_LOSS, MFU, MAX_MEMORY_GIB, *LOSS_BY_MASK_RATIO, LR_SWITCH_STEP,
+    LR_SWITCH_LOSS,
 })
+LR_SWITCH_TAG = "illada.lr_switch_step"
+LR_SWITCH_LOSS_TAG = "illada.lr_switch_loss"
+# Param of every stage run on a GPU: the bf16 GEMM rate measured at start-up, the denominator of `train/mfu`.
+GEMM_TFLOPS_PARAM = "perf.gemm_tflops"
+SYSTEM_METRICS_PREFIX = "system/"  # MLflow's system metrics (GPU utilisation and memory, CPU, disk)
 # What an evaluation task reports, logged as `eval/<task>/<name>` (evaluation/metrics.py).
 EVAL_METRIC_NAMES = frozenset({
     "acc", "acc_norm", "accuracy", "exact_match", "em", "f1", "acc_stderr", "acc_norm_stderr",

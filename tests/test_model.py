@@ -207,6 +207,15 @@ def test_training_flops_known_values():
     # packing two documents costs less attention than one document of the same total length
     assert training_flops(cfg, [5, 5], 4) < training_flops(cfg, [10], 4)
     assert training_flops(cfg, [10], 4) - training_flops(cfg, [10], 0) == 6 * cfg.vocab_size * cfg.d_model * 4
+    # What training counts every step, on device tensors: the same number from a packed batch's cu_seqlens.
+    from illada_lightning.model.flops import flops_from_counts, measured_gemm_tflops, squared_segment_lengths
+
+    cu = torch.tensor([0, 3, 10, 16], dtype=torch.int32)  # documents of 3, 7 and 6 tokens in two rows of 8
+    sq = squared_segment_lengths(torch.zeros(2, 8, dtype=torch.long), cu)
+    on_device = flops_from_counts(cfg, torch.tensor(16.0, dtype=torch.float64), sq, torch.tensor(5.0, dtype=torch.float64))
+    assert on_device.dtype == torch.float64 and on_device.item() == training_flops(cfg, [3, 7, 6], 5)
+    assert squared_segment_lengths(torch.zeros(2, 8, dtype=torch.long), None).item() == 2 * 64
+    assert measured_gemm_tflops("cpu") is None  # MFU is a GPU number
 
 
 def test_sdpa_per_document_path_matches_reference_on_a_long_flat_row():

@@ -11,6 +11,7 @@ from illada_lightning.diffusion.objective import (
     DiffusionConfig,
     diffusion_loss,
     forward_process,
+    loss_by_mask_ratio,
     masked_token_weights,
     sample_mask_ratio,
 )
@@ -49,6 +50,9 @@ def test_loss_equals_hand_computation():
         expected += row / 2
     assert masked.any()
     assert out.loss.item() == pytest.approx(expected, rel=1e-6)
+    rows = [sum(-logp[i, ids[b, i]].item() for i in range(L) if masked[b, i]) / t[b].item() / L for b in range(2)]
+    assert out.row_loss.tolist() == pytest.approx(rows, rel=1e-6)  # each row's own Eq. 1 estimate
+    assert not out.row_loss.requires_grad
     # The model saw the mask token exactly at the masked positions and the clean tokens elsewhere.
     assert torch.equal(model.seen, torch.where(masked, torch.full_like(ids, MASK), ids))
 
@@ -206,3 +210,30 @@ def test_chunked_loss_under_bf16_autocast_and_with_a_bf16_head(monkeypatch, fuse
         assert results[0][3].dtype == weight_dtype
         for got, want in zip(*results):
             torch.testing.assert_close(got.float(), want.float(), atol=3e-2, rtol=3e-2)
+
+
+def test_loss_by_mask_ratio_bins_rows_by_t_against_a_hand_computation():
+    # Rows with t in [0, .2), [.2, .4), ..., [.8, 1] (t = 1 in the last bin); the padding-only row is left out.
+    row_loss = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0])
+    t = torch.tensor([0.05, 0.19, 0.2, 0.55, 1.0, 0.81, 0.3])
+    eligible = torch.tensor([True, True, True, True, True, True, False])
+    out = loss_by_mask_ratio(row_loss, t, eligible)
+    assert out.dtype == torch.float64 and out.shape == (2, 5)
+    assert out[0].tolist() == [1 + 2, 3, 4, 0, 5 + 6]
+    assert out[1].tolist() == [2, 1, 1, 0, 2]
+    # Summed over micro-batches and divided once: the mean row loss per bin of the log interval.
+    total = out + loss_by_mask_ratio(torch.tensor([9.0]), torch.tensor([0.1]))
+    assert (total[0] / total[1]).tolist()[:3] == pytest.approx([(1 + 2 + 9) / 3, 3.0, 4.0])
+
+
+def test_row_losses_average_to_the_batch_loss_with_a_loss_mask():
+    torch.manual_seed(0)
+    table = torch.randn(6, 9)
+    ids = torch.randint(4, 9, (3, 6))
+    loss_mask = torch.ones(3, 6, dtype=torch.bool)
+    loss_mask[1, :4] = False  # a prompt
+    loss_mask[2] = False  # nothing eligible: row loss 0, and not part of the mean
+    out = diffusion_loss(FixedLogits(table), ids, mask_token_id=MASK, loss_mask=loss_mask, t=torch.tensor([0.9, 1.0, 0.5]),
+                         generator=torch.Generator().manual_seed(2))
+    assert out.row_loss[2].item() == 0.0
+    assert out.loss.item() == pytest.approx(out.row_loss[:2].mean().item(), rel=1e-6)

@@ -20,6 +20,14 @@ from lightning.pytorch.callbacks import Callback
 from illada_lightning.config import load_config
 from illada_lightning.experiment.config import ExperimentConfig
 from illada_lightning.experiment.run import run_experiment
+from illada_lightning.runs import (
+    GEMM_TFLOPS_PARAM,
+    LOSS_BY_MASK_RATIO,
+    LR_SWITCH_STEP,
+    LR_SWITCH_TAG,
+    MFU,
+    SYSTEM_METRICS_PREFIX,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_YAML = REPO / "experiments" / "configs" / "default.yaml"
@@ -80,11 +88,18 @@ def test_default_run_end_to_end(tmp_path, data_cache):
         assert child.data.params["model.d_model"] == "64"
         assert len(client.get_metric_history(runs[stage], "train/loss")) >= 3
         assert "train/tokens_per_s" in child.data.metrics and "train/grad_norm" in child.data.metrics
+        # Every log step of both stages: the loss by mask ratio (5 bins); MFU and memory only on a GPU,
+        # and MLflow's system metrics only on a GPU by default (mlflow.system_metrics=auto).
+        assert set(LOSS_BY_MASK_RATIO) <= set(child.data.metrics), sorted(child.data.metrics)
+        assert len(client.get_metric_history(runs[stage], LOSS_BY_MASK_RATIO[2])) >= 3
+        assert MFU not in child.data.metrics and GEMM_TFLOPS_PARAM not in child.data.params
+        assert not any(k.startswith(SYSTEM_METRICS_PREFIX) for k in child.data.metrics)
         artifacts = {a.path for a in client.list_artifacts(runs[stage])}
         assert {"model", "tokenizer"} <= artifacts
         assert [a.path for a in client.list_artifacts(runs[stage], "model")] == ["model/model.pt"]
     pre_run = client.get_run(runs["pretrain"])
-    assert pre_run.data.tags["lr_switch_step"] == "25" and pre_run.data.metrics["lr_switch_step"] == 25
+    assert pre_run.data.tags[LR_SWITCH_TAG] == "25"
+    assert [(m.step, m.value) for m in client.get_metric_history(runs["pretrain"], LR_SWITCH_STEP)] == [(25, 25.0)]
     lrs = client.get_metric_history(runs["pretrain"], "train/lr")
     assert lrs[-1].value < lrs[len(lrs) // 2].value  # decaying after the switch
 

@@ -5,7 +5,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.loggers import MLFlowLogger
 
+from illada_lightning import runs
 from illada_lightning.training.callbacks import LossPlateauLRSwitch
 from illada_lightning.training.config import ScheduleConfig
 from illada_lightning.training.plateau import PlateauDetector
@@ -48,9 +50,27 @@ def test_detector_waits_for_min_steps_and_ignores_nan():
     assert det.n_seen == 100
 
 
-def fake_trainer(scheduler):
+def fake_trainer(scheduler, loggers=()):
     return SimpleNamespace(global_step=0, lr_scheduler_configs=[SimpleNamespace(scheduler=scheduler)],
-                           loggers=[], is_global_zero=True)
+                           loggers=list(loggers), is_global_zero=True)
+
+
+class RecordingLogger(MLFlowLogger):
+    """What the callback sends to MLflow (metrics with their step, tags of the run), with no store."""
+
+    def __init__(self):  # no MLflow client: nothing is written
+        self.metrics, self.tags = [], {}
+
+    @property
+    def experiment(self):
+        return SimpleNamespace(set_tag=lambda run_id, key, value: self.tags.__setitem__(key, value))
+
+    @property
+    def run_id(self):
+        return "run"
+
+    def log_metrics(self, metrics, step=None):
+        self.metrics.append((step, dict(metrics)))
 
 
 def make_scheduler(switch_step=None):
@@ -107,3 +127,22 @@ def test_manual_switch_at_step_overrides_the_detector():
     cb = LossPlateauLRSwitch(cfg)
     drive(cb, fake_trainer(sched), [1.0] * 100)
     assert cb.switch_step == 50 and sched.switch_step == 50
+
+
+def test_the_switch_is_an_event_logged_once_at_its_step_and_tagged_on_the_run():
+    logger = RecordingLogger()
+    cb = LossPlateauLRSwitch(SCHEDULE, warmup_steps=10)
+    drive(cb, fake_trainer(make_scheduler(), [logger]), plateau_curve())
+    switch = cb.switch_step
+    assert switch is not None
+    events = [(step, m) for step, m in logger.metrics if runs.LR_SWITCH_STEP in m]
+    assert events == [(switch, {runs.LR_SWITCH_STEP: float(switch), runs.LR_SWITCH_LOSS: cb.switch_loss})]
+    assert logger.tags[runs.LR_SWITCH_TAG] == str(switch)
+    assert float(logger.tags[runs.LR_SWITCH_LOSS_TAG]) == pytest.approx(cb.switch_loss, abs=1e-6)
+    # A resumed attempt (a new run) gets the tag at its start, and no second event.
+    resumed, new_run = LossPlateauLRSwitch(SCHEDULE, warmup_steps=10), RecordingLogger()
+    resumed.load_state_dict(cb.state_dict())
+    trainer = fake_trainer(make_scheduler(switch_step=switch), [new_run])
+    resumed.on_train_start(trainer, None)
+    drive(resumed, trainer, plateau_curve()[:50], start=850)
+    assert new_run.tags[runs.LR_SWITCH_TAG] == str(switch) and new_run.metrics == []

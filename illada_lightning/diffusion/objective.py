@@ -32,6 +32,7 @@ class DiffusionLoss:
     masked: torch.Tensor  # [B, L] bool, positions that were masked
     n_masked: torch.Tensor  # scalar long
     masked_fraction: torch.Tensor  # scalar float: masked / eligible tokens
+    row_loss: torch.Tensor | None = None  # [B] float, no gradient: each row's Eq. 1 estimate (`row_losses`)
 
 
 def sample_mask_ratio(
@@ -65,18 +66,40 @@ def forward_process(
 
 
 def masked_token_weights(masked: torch.Tensor, t: torch.Tensor, eligible: torch.Tensor,
-                         where: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
-    """Weight of each masked token (in `masked.nonzero()` order, given as `where` if already computed) in
-    the Eq. 1 estimate.
+                         rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Weight of each masked token (in `masked.nonzero()` order; `rows`: its row indices, if already computed)
+    in the Eq. 1 estimate.
 
     Token i of row b weighs 1 / (t_b * n_eligible_b * n_rows), n_rows counting rows with at least one
-    eligible token; the loss is sum_i weight_i * nll_i.
+    eligible token; the loss is sum_i weight_i * nll_i. `rows`: the row of each masked token, when the
+    caller has it already (`masked.nonzero()` waits for the device).
     """
     n_eligible = eligible.sum(1).float()
     n_rows = (n_eligible > 0).sum().clamp(min=1)
     row_weight = 1.0 / (t.float() * n_eligible.clamp(min=1) * n_rows)
-    rows = (where if where is not None else masked.nonzero(as_tuple=True))[0]
-    return row_weight[rows]
+    return row_weight[masked.nonzero(as_tuple=True)[0] if rows is None else rows]
+
+
+def row_losses(nll: torch.Tensor, rows: torch.Tensor, t: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
+    """Each row's own Eq. 1 estimate, [B]: sum over its masked tokens of nll / (t_b * n_eligible_b), from the
+    per-token `nll` of the masked tokens and their `rows`; 0 for a row with nothing eligible. The batch loss
+    is the mean over the rows that have eligible tokens. Pure tensor work (no host sync)."""
+    per_row = torch.zeros(t.shape[0], dtype=torch.float32, device=nll.device).index_add_(0, rows, nll.float())
+    return per_row / (t.float() * eligible.sum(1).float().clamp(min=1))
+
+
+def loss_by_mask_ratio(row_loss: torch.Tensor, t: torch.Tensor, rows_eligible: torch.Tensor | None = None,
+                       n_bins: int = 5) -> torch.Tensor:
+    """[2, n_bins] float64: the sum of the row losses and the number of rows whose mask ratio t falls in each
+    bin [k/n_bins, (k+1)/n_bins) (t = 1 in the last), counting only `rows_eligible` (rows with a token that
+    could be masked). Sums, so that micro-batches, log intervals and ranks add up before one division."""
+    bins = (t.float() * n_bins).long().clamp_(0, n_bins - 1)
+    weight = (torch.ones_like(row_loss, dtype=torch.float64) if rows_eligible is None
+              else rows_eligible.to(torch.float64))
+    out = torch.zeros(2, n_bins, dtype=torch.float64, device=row_loss.device)
+    out[0].index_add_(0, bins, row_loss.to(torch.float64) * weight)
+    out[1].index_add_(0, bins, weight)
+    return out
 
 
 def diffusion_loss(
@@ -103,12 +126,12 @@ def diffusion_loss(
     noisy, masked = forward_process(input_ids, t, mask_token_id, loss_mask, generator)
     hidden = model.hidden_states(noisy, cu_seqlens, max_seqlen)
     eligible = torch.ones_like(masked) if loss_mask is None else loss_mask
-    # One nonzero (one host sync) serves the three gathers of the masked positions.
-    where = masked.nonzero(as_tuple=True)
+    rows, cols = masked.nonzero(as_tuple=True)  # the one wait for the device: how many tokens are masked
     # Nothing masked gives a zero loss that still reaches the parameters, so backward() works.
-    loss, _ = linear_cross_entropy(
-        hidden[where], model.output_weight, input_ids[where], masked_token_weights(masked, t, eligible, where),
-        cfg.loss_chunk_size, cfg.fused_loss,
+    loss, nll = linear_cross_entropy(
+        hidden[rows, cols], model.output_weight, input_ids[rows, cols],
+        masked_token_weights(masked, t, eligible, rows), cfg.loss_chunk_size, cfg.fused_loss,
     )
     n_masked = masked.sum()
-    return DiffusionLoss(loss, t, masked, n_masked, n_masked / eligible.sum().clamp(min=1))
+    return DiffusionLoss(loss, t, masked, n_masked, n_masked / eligible.sum().clamp(min=1),
+                         row_losses(nll.detach(), rows, t, eligible))

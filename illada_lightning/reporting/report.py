@@ -14,7 +14,7 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
-from ..runs import EXPERIMENT_TAGS, STAGE_TAG, SWEEP_ERROR_TAG, SWEEP_PARAM_PREFIX, TRAIN_LOSS
+from ..runs import EXPERIMENT_TAGS, STAGE_TAG, SWEEP_ERROR_TAG, SWEEP_PARAM_PREFIX
 from .collect import (
     REPORT_TAG,
     ReportError,
@@ -25,7 +25,7 @@ from .collect import (
     metric_history,
 )
 from .collect import sweep_scope as _sweep_scope
-from .plots import plot_epoch_curve, plot_training_loss
+from .plots import plot_epoch_curve
 from .tables import (
     EVAL_KEY,
     NOTE,
@@ -42,9 +42,8 @@ from .tables import (
     setting_estimates,
     stderr_key,
 )
+from .training_curves import training_section
 
-LOSS_KEYS = (TRAIN_LOSS, "train/loss_step", "train_loss")
-MAX_LOSS_CURVES = 12
 REPORT_FILE = "report.md"
 
 
@@ -75,18 +74,6 @@ def swept_keys(parent: RunRecord, trials: list[RunRecord]) -> list[str]:
             if tag.startswith(SWEEP_PARAM_PREFIX) and tag[len(SWEEP_PARAM_PREFIX):] not in keys:
                 keys.append(tag[len(SWEEP_PARAM_PREFIX):])
     return keys
-
-
-def switch_step(run: RunRecord) -> int | None:
-    """The plateau LR switch: a metric (`lr_switch_step`, `lr/switch_step`, ...) or a tag (`plateau_switch_step`)."""
-    for source in (run.metrics, run.tags):
-        for key in sorted(source):
-            if "switch_step" in key:
-                try:
-                    return int(float(source[key]))
-                except (TypeError, ValueError):
-                    continue
-    return None
 
 
 # Sections ----------------------------------------------------------------------------------------------------------
@@ -213,32 +200,6 @@ def epoch_series_from_histories(client: MlflowClient, runs: list[RunRecord], cit
     return series, table
 
 
-def loss_section(client: MlflowClient, runs: list[RunRecord], out_dir: Path, cited: dict) -> tuple[list[str], Path | None]:
-    curves: dict[str, list[tuple[int, float]]] = {}
-    switches: dict[str, int] = {}
-    notes = []
-    for run in runs:
-        key = next((k for k in LOSS_KEYS if k in run.metrics), None)
-        if key is None or len(curves) >= MAX_LOSS_CURVES:
-            continue
-        history = metric_history(client, run.run_id, key)
-        if len(history) < 2:
-            continue
-        label = run.name or run.run_id[:8]
-        curves[label] = history
-        cited[run.run_id] = run
-        step = switch_step(run)
-        if step is not None:
-            switches[label] = step
-            notes.append(f"- `{label}` (run `{run.run_id}`): plateau LR switch at step {step}.")
-        else:
-            notes.append(f"- `{label}` (run `{run.run_id}`): no LR switch logged.")
-    if not curves:
-        return [], None
-    path = plot_training_loss(curves, switches, out_dir / "training_loss.png")
-    return ["## Training loss", "", f"![training loss]({path.name})", "", *notes, ""], path
-
-
 def eval_runs_section(runs: list[RunRecord], cited: dict) -> list[str]:
     """Experiment reports: every run with final eval metrics that is not a sweep trial, one row per run."""
     evals = [r for r in runs if r.role not in ("trial", "parent") and any(EVAL_KEY.match(k) for k in r.metrics)]
@@ -324,10 +285,9 @@ def build_report(
         lines += ["## SFT-epoch curve", "", f"![SFT epochs]({path.name})", ""]
         if history_table is not None:
             lines += [markdown_table(history_table), "", history_table.note, ""]
-    loss_lines, loss_plot = loss_section(client, scope, out_dir, cited)
-    lines += loss_lines
-    if loss_plot is not None:
-        plots.append(loss_plot)
+    training_lines, training_plots = training_section(client, scope, out_dir, cited)
+    lines += training_lines
+    plots += training_plots
     lines += cited_section(cited)
     markdown = "\n".join(lines).rstrip() + "\n"
     report = Report(name, out_dir, markdown, plots, sorted(cited.values(), key=RunRecord.sort_key))

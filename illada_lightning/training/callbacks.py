@@ -1,9 +1,10 @@
-"""Lightning callbacks of the training loop: the plateau LR switch, the non-finite-loss guard, throughput.
+"""Lightning callbacks of the training loop: the plateau LR switch, the non-finite-loss guard, the interval metrics.
 
 They read what `DiffusionLMModule.training_step` leaves on the module each micro-batch:
 `last_loss` (the loss averaged over ranks, a float; the previous micro-batch's under `nan_check=deferred`, read
-without stalling the GPU), `nonfinite_step` (set when that loss was not finite and the update was skipped) and
-`tokens_seen` (non-padding tokens, a device tensor).
+without stalling the GPU), `nonfinite_step` (set when that loss was not finite and the update was skipped), and
+device tensors added up without a host sync: `tokens_seen` (non-padding tokens), `flops_done` (model FLOPs) and
+`mask_ratio_loss` (loss sum and rows per mask-ratio bin).
 """
 
 from __future__ import annotations
@@ -18,6 +19,17 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from ..checkpoint import CheckpointError, find_resume_checkpoint
+from ..model.flops import measured_gemm_tflops
+from ..runs import (
+    GEMM_TFLOPS_PARAM,
+    LOSS_BY_MASK_RATIO,
+    LR_SWITCH_LOSS,
+    LR_SWITCH_LOSS_TAG,
+    LR_SWITCH_STEP,
+    LR_SWITCH_TAG,
+    MAX_MEMORY_GIB,
+    MFU,
+)
 from .config import ScheduleConfig
 from .finite import grads_finite, nonfinite_flag, weights_finite
 from .plateau import PlateauDetector
@@ -65,10 +77,12 @@ class _StepLoss:
 class LossPlateauLRSwitch(Callback):
     """Switch the pretraining LR from constant to cosine decay once the smoothed loss stops falling.
 
-    Exactly one switch per run: the step and the smoothed loss at the switch are logged to MLflow (metrics
-    `lr_switch_step`, `lr_switch_loss` and tags of the same names). Detector state and the switch are saved
-    in checkpoints, so a resumed run continues on the right schedule. `schedule.switch_at_step` bypasses
-    the detector (the scheduler is built with that switch step) and only logs it.
+    Exactly one switch per run, an event in MLflow: the metrics `train/lr_switch_step` and
+    `train/lr_switch_loss` (the smoothed loss) logged once, at the step of the switch, and the tags
+    `illada.lr_switch_step` / `illada.lr_switch_loss` on the stage's run (also on the run of a resumed attempt
+    that switched before). Detector state and the switch are saved in checkpoints, so a resumed run continues
+    on the right schedule. `schedule.switch_at_step` bypasses the detector (the scheduler is built with that
+    switch step) and only logs it.
     """
 
     def __init__(self, schedule: ScheduleConfig, warmup_steps: int = 0):
@@ -85,6 +99,8 @@ class LossPlateauLRSwitch(Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._step_loss.step = trainer.global_step
+        if self.switch_step is not None:  # restored from a checkpoint: this attempt's run says so too
+            self._tag(trainer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = self._step_loss.add(trainer, pl_module)
@@ -107,9 +123,12 @@ class LossPlateauLRSwitch(Callback):
         self.switch_step, self.switch_loss = int(step), float(loss)
         log.info("LR switch to cosine decay at step %d (smoothed training loss %.4f)", step, loss)
         for logger in trainer.loggers:
-            logger.log_metrics({"lr_switch_step": float(step), "lr_switch_loss": float(loss)}, step=step)
-        _mlflow_tag(trainer, "lr_switch_step", step)
-        _mlflow_tag(trainer, "lr_switch_loss", f"{loss:.6f}")
+            logger.log_metrics({LR_SWITCH_STEP: float(step), LR_SWITCH_LOSS: float(loss)}, step=step)
+        self._tag(trainer)
+
+    def _tag(self, trainer) -> None:
+        _mlflow_tag(trainer, LR_SWITCH_TAG, self.switch_step)
+        _mlflow_tag(trainer, LR_SWITCH_LOSS_TAG, f"{self.switch_loss:.6f}")
 
     def state_dict(self) -> dict:
         return {"detector": self.detector.state_dict(), "switch_step": self.switch_step,
@@ -236,20 +255,42 @@ class NonFiniteLossGuard(Callback):
 
 
 class ThroughputMonitor(Callback):
-    """Log tokens/s (non-padding tokens, all ranks), the LR and the gradient norm every `every` steps."""
+    """The interval metrics, logged every `every` optimizer steps: tokens/s (non-padding tokens, all ranks),
+    tokens seen, the LR, the gradient norm, the loss by mask ratio and, on GPU, MFU and peak memory.
+
+    MFU is the model FLOPs of the interval (all ranks) per second over the bf16 GEMM rate of the devices,
+    measured once per device at the start (`model.flops.measured_gemm_tflops`, logged as the param
+    `perf.gemm_tflops` of rank 0's device). Everything is counted on the device per micro-batch and read here,
+    at log steps only, with one host sync.
+    """
 
     def __init__(self, every: int):
         self.every = max(1, every)
         self._t0: float | None = None
         self._paused: float | None = None
         self._tokens0 = 0.0
+        self._flops0 = 0.0
         self._step0 = 0
+        self.gemm_tflops: float | None = None  # summed over ranks: the denominator of MFU
         self.train_seconds = 0.0  # training time measured so far, validation excluded
         self.train_tokens = 0.0
 
     def on_train_start(self, trainer, pl_module) -> None:
+        self._measure_gemm_rate(trainer, pl_module)
+        pl_module.mask_ratio_loss.zero_()
         self._t0, self._step0 = time.perf_counter(), trainer.global_step
-        self._tokens0 = float(self._tokens(trainer, pl_module))
+        self._tokens0, self._flops0 = self._totals(trainer, pl_module)[:2]
+
+    def _measure_gemm_rate(self, trainer, pl_module) -> None:
+        rate = measured_gemm_tflops(pl_module.device)
+        if rate is None:
+            return
+        total = trainer.strategy.reduce(torch.tensor(rate, dtype=torch.float64, device=pl_module.device),
+                                        reduce_op="sum")
+        self.gemm_tflops = float(total)
+        for logger in trainer.loggers:
+            logger.log_hyperparams({GEMM_TFLOPS_PARAM: round(rate, 1)})
+        torch.cuda.reset_peak_memory_stats(pl_module.device)  # the peak of training, not of the GEMM
 
     def on_validation_start(self, trainer, pl_module) -> None:
         self._paused = time.perf_counter()
@@ -261,8 +302,11 @@ class ThroughputMonitor(Callback):
         self._paused = None
 
     @staticmethod
-    def _tokens(trainer, pl_module) -> float:
-        return float(trainer.strategy.reduce(pl_module.tokens_seen.clone(), reduce_op="sum"))
+    def _totals(trainer, pl_module) -> list[float]:
+        """[tokens seen, model FLOPs done, *loss sums per bin, *rows per bin], summed over ranks: one reduce."""
+        packed = torch.cat([pl_module.tokens_seen.reshape(1), pl_module.flops_done.reshape(1),
+                            pl_module.mask_ratio_loss.reshape(-1)])
+        return trainer.strategy.reduce(packed, reduce_op="sum").tolist()
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         # Before clipping: the norm the clip compares against. Computed only on logging steps.
@@ -276,24 +320,42 @@ class ThroughputMonitor(Callback):
         # A host sync to time finished work only, not queued kernels.
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        now, tokens = time.perf_counter(), self._tokens(trainer, pl_module)
+        now, totals = time.perf_counter(), self._totals(trainer, pl_module)
+        tokens, flops = totals[:2]
         elapsed = max(now - self._t0, 1e-9)
         metrics = {
             "train/tokens_per_s": (tokens - self._tokens0) / elapsed,
             "train/steps_per_s": (step - self._step0) / elapsed,
             "train/tokens_seen": tokens,
+            **mask_ratio_metrics(totals[2:]),
         }
+        pl_module.mask_ratio_loss.zero_()  # per interval
         scheduler = _recipe_scheduler(trainer)
         if scheduler is not None:
             metrics["train/lr"] = trainer.optimizers[0].param_groups[0]["lr"]
+        if self.gemm_tflops:
+            metrics[MFU] = (flops - self._flops0) / elapsed / (self.gemm_tflops * 1e12)
+        if pl_module.device.type == "cuda":
+            peak = torch.tensor(float(torch.cuda.max_memory_allocated(pl_module.device)), device=pl_module.device)
+            metrics[MAX_MEMORY_GIB] = float(trainer.strategy.reduce(peak, reduce_op="max")) / 2**30
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
+            # At Lightning's step for this batch (`self.log` in training_step logs at the step before the update
+            # it makes): MLflow then pairs `train/loss` with `train/tokens_seen` for a tokens x-axis.
+            logger.log_metrics(metrics, step=step - 1)
         pl_module.last_throughput = metrics["train/tokens_per_s"]
         self.train_seconds += elapsed
         self.train_tokens += tokens - self._tokens0
-        self._t0, self._tokens0, self._step0 = now, tokens, step
+        self._t0, self._tokens0, self._flops0, self._step0 = now, tokens, flops, step
 
     @property
     def mean_tokens_per_s(self) -> float | None:
         """Over every logged interval of this fit (the first interval includes start-up and compilation)."""
         return self.train_tokens / self.train_seconds if self.train_seconds > 0 else None
+
+
+def mask_ratio_metrics(sums_then_counts: list[float]) -> dict[str, float]:
+    """`train/loss_t<a>_<b>`: the mean row loss of each mask-ratio bin that had rows in the interval."""
+    n = len(LOSS_BY_MASK_RATIO)
+    sums, counts = sums_then_counts[:n], sums_then_counts[n:]
+    return {name: total / count for name, total, count in zip(LOSS_BY_MASK_RATIO, sums, counts) if count > 0}

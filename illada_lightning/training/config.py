@@ -173,6 +173,15 @@ class MLflowConfig:
     artifact_location: str | None = None  # default: <runs_root>/mlartifacts (new experiments only)
     log_checkpoint: bool = True  # upload the exported final model as an artifact
     log_tokenizer: bool = True
+    # MLflow's system metrics (`system/*`: GPU utilisation and memory, CPU, memory, disk, network) on each stage
+    # run, sampled every 10 s by default (MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL): auto = on for GPU runs.
+    system_metrics: str = "auto"  # auto | true | false
+
+    def validate(self) -> MLflowConfig:
+        self.system_metrics = str(self.system_metrics).lower()
+        _need(self.system_metrics in ("auto", "true", "false"),
+              f"mlflow.system_metrics must be auto, true or false, got {self.system_metrics!r}")
+        return self
 
 
 @dataclass

@@ -23,11 +23,13 @@ from dataclasses import asdict
 import lightning.pytorch as pl
 import torch
 
-from ..diffusion.objective import DiffusionConfig, diffusion_loss
+from ..diffusion.objective import DiffusionConfig, diffusion_loss, loss_by_mask_ratio
 from ..model.config import ModelConfig
+from ..model.flops import flops_from_counts, squared_segment_lengths
 from ..model.lora import adapter_settings, add_adapters
 from ..model.lora_config import LoraConfig
 from ..model.transformer import MaskPredictor
+from ..runs import MASK_RATIO_BINS
 from .checkpointing import enable_activation_checkpointing
 from .config import NAN_CHECKS, OptimConfig, ScheduleConfig
 from .finite import DeviceFlag
@@ -63,11 +65,6 @@ def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dic
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def enable_block_checkpointing(model: MaskPredictor) -> None:
-    """Recompute each Transformer block in backward (`activation_checkpointing=full`, training/checkpointing.py)."""
-    enable_activation_checkpointing(model, "full")
 
 
 def _host_copy(t: torch.Tensor):
@@ -127,7 +124,12 @@ class DiffusionLMModule(pl.LightningModule):
         # through this flag (the update skipped inside the fused AdamW) and its value read one step later.
         self.finite_flag = DeviceFlag() if nan_check == "deferred" else None
         self._pending_loss = None  # deferred: (step, host copy, event) of the last micro-batch's loss
-        self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.float64), persistent=False)
+        # Counted on the device every micro-batch and read only at log steps (callbacks.py: no host sync per
+        # step): non-padding tokens, model FLOPs (model/flops.py), and [loss sum, rows] per mask-ratio bin since
+        # the last log step. Plain tensors, not buffers: DDP would copy rank 0's buffers into every rank.
+        self.tokens_seen = torch.zeros((), dtype=torch.float64)
+        self.flops_done = torch.zeros((), dtype=torch.float64)
+        self.mask_ratio_loss = torch.zeros(2, MASK_RATIO_BINS, dtype=torch.float64)
         self.last_loss: float | None = None
         self.nonfinite_step: int | None = None
         self._skip_backward = False
@@ -165,6 +167,18 @@ class DiffusionLMModule(pl.LightningModule):
         micro = batch_idx % max(1, self.trainer.accumulate_grad_batches)
         return micro * self.trainer.world_size + self.global_rank
 
+    def _count(self, batch: dict, out) -> None:
+        """Tokens, model FLOPs and the loss by mask ratio of a micro-batch, added up on the device."""
+        tokens = self._count_tokens(batch)
+        self.tokens_seen += tokens
+        ids = batch["input_ids"]
+        self.flops_done += flops_from_counts(self.model_config, tokens.to(torch.float64),
+                                             squared_segment_lengths(ids, batch.get("cu_seqlens")),
+                                             out.n_masked.to(torch.float64))
+        loss_mask = batch.get("loss_mask")
+        self.mask_ratio_loss += loss_by_mask_ratio(out.row_loss, out.t, None if loss_mask is None else loss_mask.any(1),
+                                                   MASK_RATIO_BINS)
+
     def training_step(self, batch: dict, batch_idx: int):
         generator = self._generator(mixing_seed(self.seed, self.global_step, self._train_stream(batch_idx), 0))
         out = self._loss(batch, generator)
@@ -183,7 +197,7 @@ class DiffusionLMModule(pl.LightningModule):
                 self.nonfinite_step, self._skip_backward = self.global_step, True
                 return out.loss
             self._record_loss(self.global_step, loss_value)
-        self.tokens_seen += self._count_tokens(batch)
+        self._count(batch, out)
         self.log("train/loss", out.loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
         self.log("train/masked_fraction", out.masked_fraction.float(), on_step=True, on_epoch=False)
         return out.loss
@@ -274,6 +288,12 @@ class DiffusionLMModule(pl.LightningModule):
         shard = getattr(self.trainer.strategy, "shard", None)
         if shard is not None:
             shard(self.model)
+
+    def on_fit_start(self) -> None:
+        # Lightning moves parameters and buffers to the device; the counters follow here, before any
+        # callback's on_train_start reads them.
+        for name in ("tokens_seen", "flops_done", "mask_ratio_loss"):
+            setattr(self, name, getattr(self, name).to(self.device))
 
     def on_train_start(self) -> None:
         # After a checkpoint restore: a rollback after a non-finite loss asks for a lower LR than the saved one.

@@ -113,6 +113,7 @@ def _open_stage_run(tracker, cfg: TrainingConfig, stage: str, ckpt_path: Path | 
     tracker.log_stage_params(stage, {**flatten(to_dict(cfg)), **lora_run_params(cfg, stage)})
     if ckpt_path is not None:
         tracker.set_tag(stage, "illada.resumed_from", str(ckpt_path))
+    tracker.start_system_metrics(stage)  # until the run is closed (Tracker.terminate / Tracker.end)
     return tracker.logger(stage)
 
 

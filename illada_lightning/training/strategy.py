@@ -12,7 +12,7 @@ Lightning's `ModelParallelStrategy` over a 1-D data-parallel mesh (`data_paralle
   FSDP2 asks of a parameter group's dtypes (uniform among trainable parameters);
 - optional CPU offload of parameters, gradients and optimizer state (`fsdp_cpu_offload=true`, GPU only);
 - activation checkpointing and `torch.compile` stay per block, applied by the module before sharding
-  (`module.enable_block_checkpointing`, `MaskPredictor.compile_blocks`), so parameter names - and thus
+  (`checkpointing.enable_activation_checkpointing`, `MaskPredictor.compile_blocks`), so parameter names - and thus
   checkpoints - are the same with and without them.
 It runs on CPU with gloo (tested with two processes) and on GPUs with NCCL, any `devices` / `num_nodes`,
 including `devices=1` (one shard; the same code path as many). Refused before training, with the reason:

@@ -11,6 +11,11 @@ error, a non-finite stop) or KILLED (a stop signal). Each attempt at a stage is 
 the previous attempt's run, if its process died leaving it RUNNING, is closed as KILLED, and the new run
 points to it (`illada.previous_attempt`, `illada.attempt`).
 
+System metrics (`mlflow.system_metrics`, on by default for GPU runs): MLflow's `SystemMetricsMonitor`, bound
+to the stage's run by id (training logs through a Lightning logger, so there is no fluent active run for
+`mlflow.start_run(log_system_metrics=True)` to watch), started with the stage's run and stopped when it is
+closed, whichever way. It samples the whole machine (every GPU of the node) from rank 0.
+
 Default store (`mlflow.tracking_uri: null`): `sqlite:///<runs_root>/mlflow.db`, the backend MLflow 3
 recommends (the file store is deprecated), with artifacts under `<runs_root>/mlartifacts`.
 """
@@ -50,10 +55,32 @@ def artifact_location(mlflow_cfg, runs_root: str | Path) -> str | None:
     return mlflow_cfg.artifact_location or runs.artifact_location(mlflow_cfg.tracking_uri, runs_root)
 
 
+def system_metrics_on(mlflow_cfg, accelerator: str) -> bool:
+    """`mlflow.system_metrics`: true, false, or auto = on when the run trains on a GPU (on CPU they would only
+    cost a sampling thread)."""
+    if mlflow_cfg.system_metrics == "auto":
+        import torch
+
+        return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    return mlflow_cfg.system_metrics == "true"
+
+
+def _system_metrics_missing() -> str | None:
+    """Why MLflow's system metrics cannot run here (psutil missing), or None."""
+    try:
+        import psutil  # noqa: F401  (what MLflow's CPU, memory and disk monitors read)
+    except ImportError:
+        return "psutil is not installed (pip install psutil nvidia-ml-py)"
+    return None
+
+
 def check_tracking_uri(mlflow_cfg, runs_root: str | Path, timeout_s: float = 10.0) -> None:
     """Before training: a SQLite store must live in an existing directory (one under the runs root is
-    created), and a tracking server must accept connections; each refusal is one line naming the URI."""
+    created), and a tracking server must accept connections; each refusal is one line naming the URI.
+    System metrics asked for explicitly need psutil."""
     uri = mlflow_cfg.tracking_uri
+    if mlflow_cfg.enabled and mlflow_cfg.system_metrics == "true" and _system_metrics_missing():
+        raise ConfigError(f"mlflow.system_metrics=true: {_system_metrics_missing()}")
     if not mlflow_cfg.enabled or not uri:
         return
     if uri.startswith("sqlite:///"):
@@ -143,6 +170,7 @@ class Tracker:
         self.runs = self._load_runs()
         self.commit = git_commit() if git_commit() != "unknown" else None
         self.open: list[str] = []  # runs this process set RUNNING and must close
+        self.monitors: dict[str, Any] = {}  # run id -> the SystemMetricsMonitor sampling into it
 
     def _experiment_id(self, name: str, location: str | None) -> str:
         found = self.client.get_experiment_by_name(name)
@@ -215,8 +243,34 @@ class Tracker:
             self.client.set_tag(run_id, key, value)
         return held
 
+    def start_system_metrics(self, stage: str) -> bool:
+        """Sample GPU/CPU/memory/disk into the stage's run (`system/*`) until it is closed, when
+        `mlflow.system_metrics` says so; True when started."""
+        if not system_metrics_on(self.cfg.mlflow, self.cfg.accelerator):
+            return False
+        missing = _system_metrics_missing()
+        if missing:
+            log.warning("MLflow system metrics are off: %s", missing)
+            return False
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        run_id = self.stage_run_id(stage)
+        self.stop_system_metrics(run_id)
+        monitor = SystemMetricsMonitor(run_id, tracking_uri=self.uri)
+        monitor.start()
+        self.monitors[run_id] = monitor
+        return True
+
+    def stop_system_metrics(self, run_id: str | None = None) -> None:
+        """Stop the monitor of `run_id` (all monitors: None), flushing what it has sampled."""
+        for key in [run_id] if run_id is not None else list(self.monitors):
+            monitor = self.monitors.pop(key, None)
+            if monitor is not None:
+                monitor.finish()
+
     def end(self, status: str) -> None:
         """Close every run this process opened and has not closed yet (FINISHED, FAILED or KILLED)."""
+        self.stop_system_metrics()
         for run_id in reversed(self.open):
             if self.status(run_id) == "RUNNING":
                 self.client.set_terminated(run_id, status)
@@ -267,6 +321,7 @@ class Tracker:
     def terminate(self, stage: str, status: str = "FINISHED") -> None:
         run_id = self.runs["parent"] if stage == "parent" else self.runs.get(stage)
         if run_id:
+            self.stop_system_metrics(run_id)
             self.client.set_terminated(run_id, status)
             if run_id in self.open:
                 self.open.remove(run_id)
