@@ -237,6 +237,8 @@ def test_bf16_true_lora_on_a_gpu_keeps_fp32_adapters_and_merges_to_the_adapted_l
     assert all(p.abs().max() > 0 for n, p in params.items() if "lora_B" in n)
     trainer.save_checkpoint(tmp_path / "gpu.ckpt")
     with torch.no_grad():
-        adapted = module.model.eval()(probe().cuda()).float().cpu()  # through the shards under fsdp
+        # through the shards under fsdp (still on the GPU); Lightning's teardown moved the plain model to the CPU
+        device = next(module.model.parameters()).device
+        adapted = module.model.eval()(probe().to(device)).float().cpu()
     merged, _ = il.load_checkpoint(tmp_path / "gpu.ckpt")  # a sharded directory under fsdp
     torch.testing.assert_close(logits(merged.float()), adapted, rtol=0.05, atol=0.05)  # bf16 merged weights

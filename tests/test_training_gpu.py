@@ -28,8 +28,14 @@ GPU = [a for a in TINY if a != "accelerator=cpu"] + ["accelerator=gpu", "stage=p
 def worker(out: Path, root: Path, *args: str, flags=()) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "tests.fsdp_worker", str(out), *flags, *GPU, *args, f"runs_root={root}",
                f"pretrain.data.cache_dir={root / 'cache'}"]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # Not the rendezvous of an earlier in-process distributed test (its TCPStore still holds MASTER_PORT).
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    env["PYTHONPATH"] = str(REPO)
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=540)
+
+
+DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK",
+             "GROUP_RANK")
 
 
 def record(out: Path, rank: int = 0) -> dict:
