@@ -193,21 +193,13 @@ def test_cluster_commands_run_against_real_services(tmp_path):
         out = subprocess.run(["bash", "-c", script], cwd=repo, env=env, capture_output=True, text=True, timeout=1800)
         assert out.returncode == 0, f"{script}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
         assert "2 complete, 0 failed" in out.stdout and f"pw-{tag}" not in out.stdout + out.stderr
-        (tmp_path / "mlflow.log").unlink(missing_ok=True)
-        server = subprocess.Popen(["mlflow", "server", "--backend-store-uri",
-                                   f"postgresql+psycopg://{role}:pw-{tag}@{host}/{mlflow_db}", "--host", "127.0.0.1",
-                                   "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:  # what the UI shows, read back from the server: the sweep's trials and the run, all finished
-            services.wait_healthy(f"http://127.0.0.1:{port}", server)
-            client = MlflowClient(f"http://127.0.0.1:{port}")
-            trials = client.search_runs([client.get_experiment_by_name("lr_search").experiment_id],
-                                        "tags.`sweep.role` = 'trial'")
-            job = client.search_runs([client.get_experiment_by_name("illada-lightning").experiment_id],
-                                     "tags.`illada.experiment` = 'on-the-server'")
-            assert len(trials) == 2 and all(r.info.status == "FINISHED" for r in [*trials, *job]) and len(job) == 3
-        finally:
-            server.terminate()
-            server.wait()
+        # What the UI shows, read back from the server's database: the sweep's trials and the run, all finished.
+        client = MlflowClient(f"postgresql+psycopg://{role}:pw-{tag}@{host}/{mlflow_db}")
+        trials = client.search_runs([client.get_experiment_by_name("lr_search").experiment_id],
+                                    "tags.`sweep.role` = 'trial'")
+        job = client.search_runs([client.get_experiment_by_name("illada-lightning").experiment_id],
+                                 "tags.`illada.experiment` = 'on-the-server'")
+        assert len(trials) == 2 and all(r.info.status == "FINISHED" for r in [*trials, *job]) and len(job) == 3
     finally:
         drops = [f"DROP DATABASE IF EXISTS {optuna_db} WITH (FORCE)", f"DROP DATABASE IF EXISTS {mlflow_db} WITH (FORCE)",
                  f"DROP ROLE IF EXISTS {role}"]
