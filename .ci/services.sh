@@ -3,7 +3,7 @@
 #   ILLADA_TEST_PG_URL      postgresql+psycopg://illada:...@127.0.0.1:5432/illada_optuna   (Optuna storage)
 #   ILLADA_TEST_PG_MLFLOW   the same server's database for MLflow (tests start servers of their own on it)
 #   ILLADA_TEST_MLFLOW_URI  http://127.0.0.1:<port>                                          (tracking server)
-# and installs a trap that stops the MLflow server (by PID) and PostgreSQL (if this script started it) on exit.
+# and installs a trap that stops the MLflow server (by its process group's PID) and PostgreSQL (if this script started it) on exit.
 # Needs root for pg_ctlcluster (the CI machine's user); on a machine without PostgreSQL it installs Debian's.
 
 ILLADA_PG_PASSWORD=${ILLADA_PG_PASSWORD:-illada-ci}
@@ -33,13 +33,16 @@ export ILLADA_TEST_PG_URL="postgresql+psycopg://illada:$ILLADA_PG_PASSWORD@127.0
 export ILLADA_TEST_PG_MLFLOW="postgresql+psycopg://illada:$ILLADA_PG_PASSWORD@127.0.0.1:5432/illada_mlflow"
 export ILLADA_TEST_PG_CLUSTER="$_pg_version main"  # the fault drill restarts it (pg_ctlcluster ... restart)
 
-mlflow server --backend-store-uri "$ILLADA_TEST_PG_MLFLOW" --artifacts-destination "file://$_services_dir/artifacts" \
-  --host 127.0.0.1 --port "$ILLADA_MLFLOW_PORT" --workers 1 >"$_services_dir/mlflow.log" 2>&1 &
+# In a session of its own (setsid), so that stopping it stops its web workers too; without MLflow's GenAI job
+# runners (seven more processes that tracking does not use).
+MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false setsid mlflow server --backend-store-uri "$ILLADA_TEST_PG_MLFLOW" \
+  --artifacts-destination "file://$_services_dir/artifacts" --host 127.0.0.1 --port "$ILLADA_MLFLOW_PORT" \
+  --workers 1 >"$_services_dir/mlflow.log" 2>&1 &
 _mlflow_pid=$!
 export ILLADA_TEST_MLFLOW_URI="http://127.0.0.1:$ILLADA_MLFLOW_PORT"
 
 _stop_services() {
-  kill "$_mlflow_pid" 2>/dev/null && wait "$_mlflow_pid" 2>/dev/null
+  kill -- "-$_mlflow_pid" 2>/dev/null && wait "$_mlflow_pid" 2>/dev/null
   if [ "$_pg_started" = 1 ]; then pg_ctlcluster --skip-systemctl-redirect $ILLADA_TEST_PG_CLUSTER stop; fi
   rm -rf "$_services_dir"
 }

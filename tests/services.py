@@ -9,6 +9,7 @@ a missing service fails the test instead, so CI can never pass by skipping them.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -71,11 +72,30 @@ def wait_healthy(uri: str, proc: subprocess.Popen | None = None, timeout_s: floa
 
 
 def start_mlflow_server(backend_uri: str, port: int, artifacts: Path, log: Path) -> subprocess.Popen:
-    """`mlflow server` on `backend_uri` with proxied artifacts, as a user starts one (waits until healthy)."""
+    """`mlflow server` on `backend_uri` with proxied artifacts, as a user starts one (waits until healthy). It
+    runs in a session of its own: its web workers are child processes, which `stop_server` stops with it."""
     out = open(log, "ab")
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri,
          "--artifacts-destination", artifacts.as_uri(), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=out, stderr=subprocess.STDOUT)
+        stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # no GenAI job runners
     wait_healthy(f"http://127.0.0.1:{port}", proc)
     return proc
+
+
+def stop_server(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    """Signal the server's whole process group (SIGKILL: a crash), and wait until it is gone."""
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def server_unreachable(uri: str) -> bool:
+    try:
+        urllib.request.urlopen(f"{uri}/health", timeout=2)
+    except OSError:
+        return True
+    return False
