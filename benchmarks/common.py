@@ -18,6 +18,21 @@ def environment(device: torch.device) -> dict:
             "torch": torch.__version__, "commit": git_commit()}
 
 
+def fast_model(args, device):
+    """(model, tokenizer, name) of the fast-decoding benchmarks: the trained `--ckpt` or random `--preset` weights,
+    in the timing dtype (`--dtype`)."""
+    import illada_lightning as il
+
+    if args.ckpt:
+        model, tokenizer = il.load_checkpoint(args.ckpt, device=device)
+        name = f"{model.config.name} ({args.ckpt})"
+    else:
+        model, tokenizer, name = il.build_model(args.preset, device=device, init_std=args.init_std), None, args.preset
+    if args.dtype == "bf16" and device.type == "cuda":
+        model = model.to(torch.bfloat16)
+    return model.eval(), tokenizer, name
+
+
 def timed(fn, device: torch.device) -> tuple[object, float]:
     """(result, seconds), synchronising the device around the call."""
     if device.type == "cuda":

@@ -43,7 +43,15 @@ from illada_lightning import build_model
 from illada_lightning.diffusion import block_cache
 from illada_lightning.diffusion.sampler import generate
 
-from .common import emit, environment, fill_preset_defaults, precision_scope, set_exact_fp32, timed
+from .common import (
+    emit,
+    environment,
+    fast_model,
+    fill_preset_defaults,
+    precision_scope,
+    set_exact_fp32,
+    timed,
+)
 
 
 def random_prompts(n: int, min_len: int, max_len: int, vocab: int, seed: int) -> list[list[int]]:
@@ -139,20 +147,6 @@ def run(args) -> dict:
         "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         **environment(device), "model": asdict(cfg),
     }
-
-
-def fast_model(args, device):
-    """(model, tokenizer, preset name): the trained `--ckpt` or random `--preset` weights, in the timing dtype."""
-    if args.ckpt:
-        import illada_lightning as il
-
-        model, tokenizer = il.load_checkpoint(args.ckpt, device=device)
-        name = f"{model.config.name} ({args.ckpt})"
-    else:
-        model, tokenizer, name = build_model(args.preset, device=device, init_std=args.init_std), None, args.preset
-    if args.dtype == "bf16" and device.type == "cuda":
-        model = model.to(torch.bfloat16)
-    return model.eval(), tokenizer, name
 
 
 def fast_settings(args) -> list[tuple[str, str, bool]]:

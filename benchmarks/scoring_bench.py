@@ -38,7 +38,15 @@ from illada_lightning import build_model
 from illada_lightning.diffusion.likelihood import mask_exactly, stratified_mask_counts
 from illada_lightning.diffusion.scoring import score_batch
 
-from .common import emit, environment, fill_preset_defaults, precision_scope, set_exact_fp32, timed
+from .common import (
+    emit,
+    environment,
+    fast_model,
+    fill_preset_defaults,
+    precision_scope,
+    set_exact_fp32,
+    timed,
+)
 
 
 def random_items(n: int, ctx_range, cand_range, n_choices: int, vocab: int, seed: int, single_token=False):
@@ -164,20 +172,6 @@ def run(args, rule: str) -> dict:
 
 
 FAST_SETTINGS = (("none", "off"), ("context", "off"), ("none", "threshold"), ("context", "threshold"))
-
-
-def fast_model(args, device):
-    """(model, tokenizer, name): the trained `--ckpt` or random `--preset` weights, in the timing dtype."""
-    if args.ckpt:
-        import illada_lightning as il
-
-        model, tokenizer = il.load_checkpoint(args.ckpt, device=device)
-        name = f"{model.config.name} ({args.ckpt})"
-    else:
-        model, tokenizer, name = build_model(args.preset, device=device, init_std=args.init_std), None, args.preset
-    if args.dtype == "bf16" and device.type == "cuda":
-        model = model.to(torch.bfloat16)
-    return model.eval(), tokenizer, name
 
 
 def task_rows(args, model, tokenizer, name, device) -> list[dict]:
