@@ -224,7 +224,8 @@ def task_rows(args, model, tokenizer, name, device) -> list[dict]:
                                 variable_length=args.variable_length, cache=cache, parallel=parallel,
                                 threshold=args.threshold, factor=args.factor, cuda_graph=graph,
                                 precision="bf16" if args.dtype == "bf16" else "fp32")
-        cfg = EvalConfig(tasks=[args.task], sampler=sampler, limit=args.task_limit, batch_size=args.task_batch_size)
+        cfg = EvalConfig(tasks=[args.task], sampler=sampler, limit=args.task_limit, batch_size=args.task_batch_size,
+                         data={args.task: args.task_data} if args.task_data else {})
         generated: list[list[int]] = []
         inner = model_generator(model, tokenizer, cfg)
 
@@ -311,6 +312,7 @@ def parse_args(argv=None):
     p.add_argument("--ckpt", default=None, help="a trained model (run dir, checkpoint, HF dir) instead of --preset")
     p.add_argument("--task", default=None, choices=["synthetic"], help="decode this evaluation task (needs --ckpt)")
     p.add_argument("--task-limit", type=int, default=None, help="first N task examples")
+    p.add_argument("--task-data", default=None, help="the task's test split (default: the shipped one)")
     p.add_argument("--task-batch-size", type=int, default=64, help="prompts per sampler call on the task")
     p.add_argument("--variable-length", action="store_true", help="task: iLLaDA's block-by-block generation")
     p.add_argument("--skip-random", action="store_true", help="only the task rows (with --task)")

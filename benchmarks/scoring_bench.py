@@ -10,7 +10,7 @@
 (`cache=context`) and threshold reveals (`parallel=threshold`) on the same questions: questions/s, speed-up, the
 largest score difference from exact scoring and the fraction of questions whose argmax choice is unchanged.
 A trained model (issue 23): `--ckpt PATH` (`il.load_checkpoint`) replaces the random `--preset` weights, and
-`--task cloze --task-limit N` scores the cloze task (illada_lightning/evaluation, corpus `--cloze-data`) with every
+`--task cloze --task-limit N` scores the cloze task (illada_lightning/evaluation, corpus `--task-data`; or `--task synthetic_choice`) with every
 setting: accuracy ± SE and argmax agreement with exact scoring (`bench: scoring_task` rows).
 
 References, written plainly, one candidate at a time with full-sequence logits:
@@ -191,7 +191,7 @@ def task_rows(args, model, tokenizer, name, device) -> list[dict]:
                                 max_tokens_per_batch=args.max_tokens_per_batch,
                                 precision="bf16" if args.dtype == "bf16" else "fp32")
         cfg = EvalConfig(tasks=[args.task], scoring=scoring, limit=args.task_limit,
-                         batch_size=args.task_batch_size, data={args.task: args.cloze_data})
+                         batch_size=args.task_batch_size, data=task_data(args))
         scores: list[list[float]] = []
         inner = model_scorer(model, cfg)
 
@@ -283,13 +283,22 @@ def parse_args(argv=None):
     p.add_argument("--fast", action="store_true", help="confidence scoring: exact vs context cache / threshold")
     p.add_argument("--threshold", type=float, default=0.9)
     p.add_argument("--ckpt", default=None, help="a trained model (run dir, checkpoint, HF dir) instead of --preset")
-    p.add_argument("--task", default=None, choices=["cloze"], help="score this evaluation task (needs --ckpt)")
+    p.add_argument("--task", default=None, choices=["cloze", "synthetic_choice"],
+                   help="score this evaluation task (needs --ckpt)")
     p.add_argument("--task-limit", type=int, default=None)
     p.add_argument("--task-batch-size", type=int, default=256, help="questions per scorer call on the task")
-    p.add_argument("--cloze-data", default="data/corpus/valid.txt", help="held-out text the cloze items come from")
+    p.add_argument("--task-data", default=None,
+                   help="the task's data file (cloze: held-out text, default data/corpus/valid.txt; synthetic_choice: "
+                        "a test split, default the shipped one)")
     p.add_argument("--skip-random", action="store_true", help="only the task rows (with --task)")
     args = p.parse_args(argv)
     return fill_preset_defaults(args, PRESET_DEFAULTS[args.preset])
+
+
+def task_data(args) -> dict[str, str]:
+    if args.task_data:
+        return {args.task: args.task_data}
+    return {"cloze": "data/corpus/valid.txt"} if args.task == "cloze" else {}
 
 
 def main(argv=None) -> list[dict]:

@@ -10,6 +10,8 @@ from illada_lightning.data.synthetic import (
     make_arithmetic_examples,
     make_dialogues,
     make_splits,
+    multiple_choice,
+    split_of,
     to_record,
     write_splits,
 )
@@ -53,12 +55,59 @@ def test_dialogues_are_two_turn_and_consistent():
         assert a2["content"] == d["answer"] == str(x + y + c if "add" in user2["content"] else x + y - c)
 
 
+def problem(example):
+    """(op, operands) of a single-turn example, unordered for + and * (as the split hash sees it)."""
+    p = example["prompt"]
+    a, b = (int(x) for x in re.findall(r"\d+", p))
+    op = "*" if "*" in p or "bags" in p else "-" if re.search(r" - |gives|lost", p) else "+"
+    return (op, min(a, b), max(a, b)) if op in "+*" else (op, a, b)
+
+
 def test_splits_are_disjoint():
     splits = make_splits(300, 60, 60, seed=0)
     prompts = {k: {e.get("prompt") or json.dumps(e["messages"]) for e in v} for k, v in splits.items()}
     assert prompts["train"].isdisjoint(prompts["valid"]) and prompts["train"].isdisjoint(prompts["test"])
     assert prompts["valid"].isdisjoint(prompts["test"])
     assert [len(v) for v in splits.values()] == [300, 60, 60]
+
+
+def test_held_out_problems_never_meet_training_at_any_size_or_seed():
+    """The split is a function of the problem (3 + 5 and 5 + 3 are one), not of the draw: a large training
+    set from another seed still shares no problem, in any wording, with the test split."""
+    test = make_splits(0, 0, 200, seed=0, dialogue_fraction=0)["test"]
+    train = make_arithmetic_examples(2000, seed=99, split="train")
+    held_out = {problem(e) for e in test}
+    assert held_out.isdisjoint(problem(e) for e in train)
+    assert all(split_of(*problem(e)) == "test" for e in test)
+    assert split_of("+", 3, 5) == split_of("+", 5, 3)
+    shares = [sum(split_of("+", a, b) == s for a in range(100) for b in range(a, 100)) / 5050
+              for s in ("test", "valid")]
+    assert all(0.07 < share < 0.13 for share in shares), shares  # HOLDOUT = 10 % each
+
+
+def test_difficulty_by_digits_and_kind():
+    for digits in (1, 2, 3):
+        for e in make_arithmetic_examples(40, seed=digits, kinds=("add", "sub"), digits=digits):
+            a, b = (int(x) for x in re.findall(r"\d+", e["prompt"]))
+            assert len(str(a)) == len(str(b)) == digits, e  # fixed width: every operand has `digits` digits
+            assert e["answer"] == check_answer(e)
+    assert all(e["kind"] == "mul" for e in make_arithmetic_examples(10, seed=0, kinds=("mul",), digits=3))
+    with pytest.raises(ValueError, match="too small"):
+        make_arithmetic_examples(200, seed=0, kinds=("add",), digits=1, split="test")  # 10 % of 55 sums
+    with pytest.raises(ValueError, match="digits must be in 1..9"):
+        make_arithmetic_examples(1, seed=0, digits=0)
+
+
+def test_multiple_choice_holds_the_answer_among_near_misses():
+    for answer in ("0", "7", "42", "140", "1998"):
+        choices, gold = multiple_choice(answer, 4, seed="s")
+        assert choices[gold] == answer and len(set(choices)) == 4
+        assert all(int(c) >= 0 and abs(int(c) - int(answer)) <= 100 for c in choices)
+        assert (choices, gold) == multiple_choice(answer, 4, seed="s")
+    golds = {multiple_choice(str(v), 4, seed="s")[1] for v in range(100, 200)}
+    assert golds == {0, 1, 2, 3}  # the answer's position is not a give-away
+    same_length = sum(len(c) == 2 for v in range(10, 90) for c in multiple_choice(str(v), 4, "s")[0])
+    assert same_length == 4 * 80  # two-digit answers get two-digit distractors
 
 
 def test_write_splits_matches_the_shipped_files(tmp_path):

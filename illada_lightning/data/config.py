@@ -33,6 +33,7 @@ class TokenizerConfig:
     path: str | None = None  # a saved tokenizer.json (or its directory); None = train one
     vocab_size: int = 4096  # for training; includes the 9 special tokens
     train_files: list[str] = field(default_factory=list)  # [] = the pretraining corpus files
+    split_digits: bool = True  # one token per digit (arithmetic is learnt digit by digit)
 
     def validate(self) -> TokenizerConfig:
         _need(self.vocab_size >= 300, "tokenizer.vocab_size",

@@ -1,28 +1,54 @@
-"""A seeded synthetic instruction task with exactly checkable answers: arithmetic and small word problems.
+"""A seeded synthetic instruction family with exactly checkable answers: reading, arithmetic, word problems.
 
 Every example is `{"prompt", "response", "answer", "kind"}` where the response is the answer itself (a
-number as text), so exact match needs no answer extraction. Kinds:
+number as text), so exact match needs no answer extraction. Kinds, from easy to hard for a small model:
 
-- ``add``: "What is 17 + 25?" -> "42"           - ``sub``: "What is 52 - 17?" -> "35" (never negative)
-- ``mul``: "What is 17 * 8?" -> "136"            - ``word``: "Tom has 3 apples and buys 5 more. How many
-  apples does Tom have?" -> "8" (a few templates: buy, give away, lose, receive)
+- ``copy``: "Repeat 938." -> "938"                 - ``next``: "What number comes after 347?" -> "348"
+- ``max``: "Which is larger, 706 or 838?" -> "838"
+- ``add``: "What is 17 + 25?" -> "42"              - ``sub``: "What is 52 - 17?" -> "35" (never negative)
+- ``mul``: "What is 17 * 8?" -> "136" (times one digit) - ``word``: "Tom has 3 apples and buys 5 more. How
+  many apples does Tom have?" -> "8" (a few templates: buy, find, give away, lose, bags of)
+
+Difficulty: the mix of kinds and `digits`, the number of digits of every number in a problem, operands and
+result alike (a multiplier has one digit). Measured with the tiny model (2.4M parameters, response-only SFT
+from random weights, 1,500 steps of 16 on 2 CPU cores): copy 98 %, next 97 %, max 18 % held-out exact match at
+3 digits; 2-digit add and sub stay near 3 % in that budget (the ``small`` GPU recipe's territory).
+
+Held-out splits by construction: every problem (operation and operands; unordered for +, * and max, so
+"3 + 5" and "5 + 3" are one problem, and "What number comes after 7?" is the problem 7 + 1) goes to train,
+valid or test by a hash of itself (`split_of`), not by the draw. Any number of training examples from any seed
+therefore never shares a problem with the test split (`--repeat-train` lets a train split repeat its problems).
 
 `make_dialogues` builds 2-turn chat dialogues ("What is 3 + 4?" -> "7", "Now add 5 to that." -> "12").
+`multiple_choice` turns an example into the correct result among distractors (the scoring-rule ablation).
 
-Regenerate the shipped files with `python -m illada_lightning.data.synthetic --out data/instruct`.
+Regenerate the shipped files with the command in `data/instruct/README.md`; larger sets (a GPU run's SFT)
+with e.g. `python -m illada_lightning.data.synthetic --out DIR --kinds copy,next,max,add --digits 3
+--n-train 40000 --repeat-train`.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import random
 from collections.abc import Sequence
 from pathlib import Path
 
-KINDS = ("add", "sub", "mul", "word")
+KINDS = ("add", "sub", "mul", "word", "copy", "next", "max")
+ARITHMETIC = ("add", "sub", "mul", "word")  # the default mix; copy, next and max are the easy end
+SPLITS = ("train", "valid", "test")
+HOLDOUT = 0.1  # fraction of all problems in the valid split, and again in the test split
 NAMES = ("Tom", "Anna", "Ben", "Lucy", "Sam", "Mia", "Leo", "Ella", "Max", "Zoe")
 ITEMS = ("apples", "pears", "books", "coins", "shells", "stamps", "marbles", "cards")
+OPS = {"add": "+", "sub": "-", "mul": "*"}
+# Kinds that read one number (or compare two) rather than compute: (prompt template, operation).
+READING = {
+    "copy": ("Repeat {a}.", "="),
+    "next": ("What number comes after {a}?", "+"),  # the problem a + 1: the same problem as "What is a + 1?"
+    "max": ("Which is larger, {a} or {b}?", "max"),
+}
 
 # (template, operation): {n} name, {a} first amount, {b} second amount, {i} item.
 WORD_TEMPLATES = (
@@ -34,93 +60,162 @@ WORD_TEMPLATES = (
 )
 
 
-def _pair(rng: random.Random, op: str) -> tuple[int, int]:
-    if op == "*":  # up to 99 * 12: over a thousand distinct products, enough for disjoint splits
-        return rng.randint(2, 99), rng.randint(2, 12)
-    a, b = rng.randint(0, 99), rng.randint(0, 99)
-    return (max(a, b), min(a, b)) if op == "-" else (a, b)
-
-
-def _apply(op: str, a: int, b: int) -> int:
-    return {"+": a + b, "-": a - b, "*": a * b}[op]
-
-
-def make_example(rng: random.Random, kind: str) -> dict:
-    if kind in ("add", "sub", "mul"):
-        op = {"add": "+", "sub": "-", "mul": "*"}[kind]
-        a, b = _pair(rng, op)
-        prompt = f"What is {a} {op} {b}?"
-    elif kind == "word":
-        template, op = rng.choice(WORD_TEMPLATES)
-        a, b = (rng.randint(2, 12), rng.randint(2, 12)) if op == "*" else (rng.randint(2, 20), rng.randint(1, 20))
-        if op == "-":
-            a, b = max(a, b), min(a, b)
-        prompt = template.format(n=rng.choice(NAMES), a=a, b=b, i=rng.choice(ITEMS))
-    else:
-        raise ValueError(f"unknown kind {kind!r}; choose from {KINDS}")
-    answer = str(_apply(op, a, b))
-    return {"prompt": prompt, "response": answer, "answer": answer, "kind": kind}
-
-
-def make_arithmetic_examples(
-    n: int, seed: int, kinds: Sequence[str] = KINDS, exclude: set[str] | None = None
-) -> list[dict]:
-    """`n` distinct examples (by prompt), kinds in round-robin order; prompts in `exclude` are skipped."""
+def check_task(kinds: Sequence[str], digits: int) -> None:
     for kind in kinds:
         if kind not in KINDS:
             raise ValueError(f"unknown kind {kind!r}; choose from {KINDS}")
-    rng = random.Random(seed)
-    seen = set(exclude or ())
+    if not kinds:
+        raise ValueError(f"kinds is empty; choose from {KINDS}")
+    if not 1 <= digits <= 9:
+        raise ValueError(f"digits must be in 1..9, got {digits}")
+
+
+def split_of(op: str, a: int, b: int) -> str:
+    """The split a problem belongs to: a fixed hash of (op, operands), HOLDOUT each for test and valid."""
+    x, y = (min(a, b), max(a, b)) if op in ("+", "*", "max") else (a, b)
+    h = int.from_bytes(hashlib.sha256(f"{op} {x} {y}".encode()).digest()[:8], "big") / 2**64
+    return "test" if h < HOLDOUT else "valid" if h < 2 * HOLDOUT else "train"
+
+
+def _pair(rng: random.Random, op: str, digits: int) -> tuple[int, int]:
+    """Operands with `digits` digits whose result has `digits` digits too (a multiplier has one digit)."""
+    low, top = (10 ** (digits - 1) if digits > 1 else 0), 10**digits - 1
+    while True:
+        if op == "*":
+            a, b = rng.randint(max(low, 2), top), rng.randint(2, 9)
+        elif op == "=":
+            a, b = rng.randint(low, top), 0
+        else:
+            a, b = rng.randint(low, top), rng.randint(low, top)
+            a, b = (max(a, b), min(a, b)) if op == "-" else (a, b)
+        if low <= _apply(op, a, b) <= top:
+            return a, b
+
+
+def _apply(op: str, a: int, b: int) -> int:
+    return {"+": a + b, "-": a - b, "*": a * b, "max": max(a, b), "=": a}[op]
+
+
+def make_example(rng: random.Random, kind: str, digits: int = 2) -> dict:
+    if kind in OPS:
+        op = OPS[kind]
+        a, b = _pair(rng, op, digits)
+        prompt = f"What is {a} {op} {b}?"
+    elif kind == "word":
+        template, op = rng.choice(WORD_TEMPLATES)
+        a, b = _pair(rng, op, digits)
+        prompt = template.format(n=rng.choice(NAMES), a=a, b=b, i=rng.choice(ITEMS))
+    elif kind in READING:
+        template, op = READING[kind]
+        low, top = (10 ** (digits - 1) if digits > 1 else 0), 10**digits - 1
+        a = rng.randint(low, top - 1 if kind == "next" else top)  # a + 1 keeps `digits` digits
+        b = {"copy": 0, "next": 1}.get(kind)
+        while b is None or (kind == "max" and b == a):
+            b = rng.randint(low, top)
+        prompt = template.format(a=a, b=b)
+    else:
+        raise ValueError(f"unknown kind {kind!r}; choose from {KINDS}")
+    answer = str(_apply(op, a, b))
+    return {"prompt": prompt, "response": answer, "answer": answer, "kind": kind, "split": split_of(op, a, b)}
+
+
+def _draw(n: int, what: str, draw, seen: set[str], key) -> list[dict]:
+    """`n` distinct draws (by `key`) of `draw(i)` that are not None; bounded so a small space fails clearly."""
     out: list[dict] = []
     attempts = 0
     while len(out) < n:
         attempts += 1
-        if attempts > 100 * n + 1000:
-            raise ValueError(f"cannot draw {n} distinct examples of kinds {list(kinds)}")
-        example = make_example(rng, kinds[len(out) % len(kinds)])
-        if example["prompt"] not in seen:
-            seen.add(example["prompt"])
+        if attempts > 200 * n + 2000:
+            raise ValueError(f"cannot draw {n} distinct {what}: the problem space is too small "
+                             f"(raise digits, add kinds, or ask for fewer)")
+        example = draw(len(out))
+        if example is not None and key(example) not in seen:
+            seen.add(key(example))
             out.append(example)
     return out
 
 
-def make_dialogues(n: int, seed: int, exclude: set[str] | None = None) -> list[dict]:
-    """2-turn dialogues `{"messages": [...], "answer"}`: a sum, then a follow-up on its result."""
+def make_arithmetic_examples(n: int, seed: int, kinds: Sequence[str] = ARITHMETIC, exclude: set[str] | None = None,
+                             *, digits: int = 2, split: str | None = None, distinct: bool = True) -> list[dict]:
+    """`n` distinct examples (by prompt), kinds in round-robin order; prompts in `exclude` are skipped.
+    `split`: only problems of that split (see `split_of`); None: any. `distinct=False` draws with repetition
+    (a training set larger than its split's problem space; still no problem of another split)."""
+    check_task(kinds, digits)
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose from {SPLITS}")
     rng = random.Random(seed)
-    seen = set(exclude or ())
-    out: list[dict] = []
-    while len(out) < n:
-        a, b, c = rng.randint(0, 50), rng.randint(0, 50), rng.randint(1, 20)
-        first = f"What is {a} + {b}?"
-        follow, result = rng.choice(
-            ((f"Now add {c} to that.", a + b + c), (f"Now take away {min(c, a + b)} from that.", a + b - min(c, a + b)))
-        )
-        key = first + " / " + follow
-        if key in seen:
-            continue
-        seen.add(key)
+
+    def draw(i: int) -> dict | None:
+        example = make_example(rng, kinds[i % len(kinds)], digits)
+        return example if split is None or example["split"] == split else None
+
+    what = f"examples of kinds {list(kinds)} with {digits} digits" + (f" in the {split} split" if split else "")
+    drawn = iter(range(2**62))
+    return _draw(n, what, draw, set(exclude or ()), key=(lambda e: e["prompt"]) if distinct else (lambda e: next(drawn)))
+
+
+def make_dialogues(n: int, seed: int, exclude: set[str] | None = None, *, digits: int = 2,
+                   split: str | None = None) -> list[dict]:
+    """2-turn dialogues `{"messages": [...], "answer"}`: a sum, then a follow-up on its result. `split` keeps
+    dialogues whose follow-up problem (result, op, amount) hashes to that split."""
+    rng = random.Random(seed)
+    top = max(10**digits // 2, 5)
+
+    def draw(_: int) -> dict | None:
+        a, b, c = rng.randint(0, top), rng.randint(0, top), rng.randint(1, max(top // 2, 2))
+        follow, op, amount = rng.choice(((f"Now add {c} to that.", "+", c),
+                                         (f"Now take away {min(c, a + b)} from that.", "-", min(c, a + b))))
+        if split is not None and split_of(op, a + b, amount) != split:
+            return None
         messages = [
-            {"role": "user", "content": first}, {"role": "assistant", "content": str(a + b)},
-            {"role": "user", "content": follow}, {"role": "assistant", "content": str(result)},
+            {"role": "user", "content": f"What is {a} + {b}?"}, {"role": "assistant", "content": str(a + b)},
+            {"role": "user", "content": follow}, {"role": "assistant", "content": str(_apply(op, a + b, amount))},
         ]
-        out.append({"messages": messages, "answer": str(result), "kind": "dialogue"})
-    return out
+        return {"messages": messages, "answer": messages[-1]["content"], "kind": "dialogue"}
+
+    return _draw(n, f"dialogues with {digits} digits", draw, set(exclude or ()), key=dialogue_key)
 
 
-def make_splits(n_train: int, n_valid: int, n_test: int, seed: int = 0, dialogue_fraction: float = 0.1) -> dict:
-    """Disjoint train/valid/test lists (no prompt appears in two splits)."""
-    used: set[str] = set()
+def dialogue_key(dialogue: dict) -> str:
+    return dialogue["messages"][0]["content"] + " / " + dialogue["messages"][2]["content"]
+
+
+def make_splits(n_train: int, n_valid: int, n_test: int, seed: int = 0, dialogue_fraction: float = 0.1, *,
+                kinds: Sequence[str] = ARITHMETIC, digits: int = 2, repeat_train: bool = False) -> dict:
+    """Train/valid/test lists whose problems never meet (each split draws only its own problems).
+    `repeat_train`: the train split may repeat problems (as many examples as a long run needs)."""
+    if not 0 <= dialogue_fraction <= 1:
+        raise ValueError(f"dialogue_fraction must be in [0, 1], got {dialogue_fraction}")
     splits = {}
-    for i, (name, n) in enumerate((("train", n_train), ("valid", n_valid), ("test", n_test))):
+    for i, (name, n) in enumerate(zip(SPLITS, (n_train, n_valid, n_test))):
         n_dialogue = int(round(n * dialogue_fraction))
-        singles = make_arithmetic_examples(n - n_dialogue, seed * 1000 + i, exclude=used)
-        used |= {e["prompt"] for e in singles}
-        dialogues = make_dialogues(n_dialogue, seed * 1000 + 100 + i, exclude=used)
-        used |= {d["messages"][0]["content"] + " / " + d["messages"][2]["content"] for d in dialogues}
+        singles = make_arithmetic_examples(n - n_dialogue, seed * 1000 + i, kinds, digits=digits, split=name,
+                                           distinct=not (repeat_train and name == "train"))
+        dialogues = make_dialogues(n_dialogue, seed * 1000 + 100 + i, digits=digits, split=name)
         merged = singles + dialogues
         random.Random(seed * 1000 + 200 + i).shuffle(merged)
         splits[name] = merged
     return splits
+
+
+def multiple_choice(answer: str, n_choices: int, seed: str) -> tuple[list[str], int]:
+    """The correct result among `n_choices - 1` near misses (choices, index of the correct one): off by 1, 2,
+    10 or 20 (a slipped digit or carry) with as many digits as the answer where possible, never negative. The
+    distractors and the answer's position are a function of (answer, seed)."""
+    rng = random.Random(f"{seed}:{answer}")
+    value = int(answer)
+    near = [value + d for d in (1, -1, 2, -2, 10, -10, 20, -20, 100, -100, 3, -3)]
+    same_length = [v for v in near if v >= 0 and len(str(v)) == len(answer)]
+    others = [v for v in near if v >= 0 and v not in same_length]
+    rng.shuffle(same_length)
+    rng.shuffle(others)
+    pool = (same_length + others)[: n_choices - 1]
+    if len(pool) < n_choices - 1:
+        raise ValueError(f"cannot find {n_choices - 1} distractors for {answer}")
+    gold = rng.randrange(n_choices)
+    choices = [str(v) for v in pool]
+    choices.insert(gold, answer)
+    return choices, gold
 
 
 def to_record(example: dict) -> dict:
@@ -131,11 +226,14 @@ def to_record(example: dict) -> dict:
 
 
 def write_splits(out_dir: str | Path, n_train: int = 2500, n_valid: int = 250, n_test: int = 250,
-                 seed: int = 0) -> dict[str, Path]:
+                 seed: int = 0, dialogue_fraction: float = 0.1, *, kinds: Sequence[str] = ARITHMETIC,
+                 digits: int = 2, repeat_train: bool = False) -> dict[str, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
-    for name, examples in make_splits(n_train, n_valid, n_test, seed).items():
+    splits = make_splits(n_train, n_valid, n_test, seed, dialogue_fraction, kinds=kinds, digits=digits,
+                         repeat_train=repeat_train)
+    for name, examples in splits.items():
         paths[name] = out / f"{name}.jsonl"
         with open(paths[name], "w", encoding="utf-8") as f:
             for example in examples:
@@ -150,8 +248,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--n-valid", type=int, default=250)
     parser.add_argument("--n-test", type=int, default=250)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--kinds", default=",".join(ARITHMETIC), help=f"comma-separated, from {','.join(KINDS)}")
+    parser.add_argument("--digits", type=int, default=2, help="digits of the largest operand")
+    parser.add_argument("--repeat-train", action="store_true",
+                        help="the train split may repeat problems (more examples than its problem space)")
+    parser.add_argument("--dialogue-fraction", type=float, default=0.1, help="share of 2-turn dialogues")
     args = parser.parse_args(argv)
-    for name, path in write_splits(args.out, args.n_train, args.n_valid, args.n_test, args.seed).items():
+    kinds = tuple(k for k in args.kinds.split(",") if k)
+    try:
+        paths = write_splits(args.out, args.n_train, args.n_valid, args.n_test, args.seed, args.dialogue_fraction,
+                             kinds=kinds, digits=args.digits, repeat_train=args.repeat_train)
+    except ValueError as exc:
+        parser.exit(2, f"error: {exc}\n")
+    for name, path in paths.items():
         print(f"{name}: {path}")
 
 

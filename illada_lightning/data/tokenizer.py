@@ -124,16 +124,21 @@ class Tokenizer:
         return f"Tokenizer(vocab_size={self.vocab_size})"
 
 
-def _new_bpe() -> HFTokenizer:
+def _new_bpe(split_digits: bool = True) -> HFTokenizer:
     tok = HFTokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # One token per digit (as LLaMA's tokenizer does): a number then reads the same in every context, and
+    # sums are learnt digit by digit; BPE on prose merges arbitrary digit runs ("19", "200") otherwise.
+    digits = [pre_tokenizers.Digits(individual_digits=True)] if split_digits else []
+    tok.pre_tokenizer = pre_tokenizers.Sequence([*digits, byte_level])
     tok.decoder = decoders.ByteLevel()
     return tok
 
 
-def train_tokenizer_from_iterator(texts: Iterable[str], vocab_size: int) -> Tokenizer:
-    """Byte-level BPE over `texts`; the special tokens come first, so they get ids 0..8."""
-    tok = _new_bpe()
+def train_tokenizer_from_iterator(texts: Iterable[str], vocab_size: int, split_digits: bool = True) -> Tokenizer:
+    """Byte-level BPE over `texts` (digits one token each unless `split_digits=False`); the special tokens
+    come first, so they get ids 0..8."""
+    tok = _new_bpe(split_digits)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=list(SPECIAL_TOKENS),
@@ -144,13 +149,14 @@ def train_tokenizer_from_iterator(texts: Iterable[str], vocab_size: int) -> Toke
     return Tokenizer(tok)
 
 
-def train_tokenizer(files: list[str], vocab_size: int, *, fmt: str = "auto", text_field: str = "text") -> Tokenizer:
+def train_tokenizer(files: list[str], vocab_size: int, *, fmt: str = "auto", text_field: str = "text",
+                    split_digits: bool = True) -> Tokenizer:
     """Train on corpus files (text, jsonl or parquet, read as documents by `corpus.read_documents`)."""
     from illada_lightning.data.corpus import read_documents  # corpus imports nothing from here; avoid a cycle
 
     docs = read_documents(files, fmt, text_field)
     log.info("training a %d-token byte-level BPE on %d documents from %s", vocab_size, len(docs), list(files))
-    return train_tokenizer_from_iterator(docs["text"], vocab_size)
+    return train_tokenizer_from_iterator(docs["text"], vocab_size, split_digits)
 
 
 def build_tokenizer(
@@ -167,11 +173,13 @@ def build_tokenizer(
     paths = [check_data_file(f) for f in files]
     cached = None
     if cache_dir is not None:
-        key = cache_key("tokenizer", str(cfg.vocab_size), fmt, text_field, *(file_hash(p) for p in paths))
+        key = cache_key("tokenizer", str(cfg.vocab_size), fmt, text_field, f"digits={cfg.split_digits}",
+                        *(file_hash(p) for p in paths))
         cached = Path(cache_dir) / f"tokenizer-{key}"
         if (cached / TOKENIZER_FILE).is_file():
             return Tokenizer.load(cached)
-    tokenizer = train_tokenizer([str(p) for p in paths], cfg.vocab_size, fmt=fmt, text_field=text_field)
+    tokenizer = train_tokenizer([str(p) for p in paths], cfg.vocab_size, fmt=fmt, text_field=text_field,
+                                split_digits=cfg.split_digits)
     if cached is not None:
         tokenizer.save(cached)
     return tokenizer

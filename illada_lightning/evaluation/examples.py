@@ -32,6 +32,8 @@ class MultipleChoiceExample:
     continuations: list[str]  # each with its leading delimiter (usually a space)
     gold: int
     where: str = ""  # file:line, for messages
+    # The context as chat turns, for tasks scored through the chat template (the continuation is the reply).
+    messages: list[dict] = field(default_factory=list)
 
 
 @dataclass

@@ -18,6 +18,7 @@ import logging
 import random
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -69,7 +70,8 @@ def evaluate(
                 # not depend on which tasks ran before. (A resumed run draws other masks for the remaining
                 # examples than an uninterrupted one would: same estimator, different samples.)
                 task_scorer = scorer or model_scorer(model, cfg)
-                records = run_multiple_choice(examples, tokenizer, task_scorer, cfg.batch_size, max_len, outputs)
+                records = run_multiple_choice(examples, tokenizer, task_scorer, cfg.batch_size, max_len, outputs,
+                                              chat=task.uses_chat(cfg))
                 metrics = {**accuracy_with_stderr([r["correct"] for r in records], "acc", sync=world_size > 1),
                            **accuracy_with_stderr([r["correct_norm"] for r in records], "acc_norm",
                                                   sync=world_size > 1)}
@@ -105,6 +107,8 @@ def output_settings(task: Task, cfg: EvalConfig, model_id: str) -> dict:
     if task.kind == MULTIPLE_CHOICE:
         scoring = cfg.scoring_options()
         settings.update(scoring_rule=scoring["rule"], cfg_scale=scoring["cfg_scale"])
+        if task.chat:  # only tasks that can use the template: other tasks' saved outputs stay resumable
+            settings.update(chat=task.uses_chat(cfg))
         if scoring["rule"] == "likelihood":
             settings.update(mc_samples=scoring["mc_samples"], mc_batch_size=scoring["mc_batch_size"],
                             mc_stratification=scoring["mc_stratification"])
@@ -142,11 +146,15 @@ def truncate_left(ids: list[int], room: int) -> list[int]:
 
 
 def run_multiple_choice(examples: list[MultipleChoiceExample], tokenizer, scorer: ChoiceScorer, batch_size: int,
-                        max_len: int | None, outputs: ExampleOutputs) -> list[dict]:
+                        max_len: int | None, outputs: ExampleOutputs, chat: bool = False) -> list[dict]:
+    """`chat`: examples with `messages` are scored after their chat-formatted turns (the reply's place)."""
     todo = [e for e in examples if not outputs.done(e.doc_id)]
     n_truncated = 0
     for batch in batches(todo, batch_size):
         items = []
+        if chat:
+            batch = [replace(ex, context=tokenizer.format_chat(ex.messages, add_generation_prompt=True))
+                     if ex.messages else ex for ex in batch]
         for ex in batch:
             context = tokenizer.encode(ex.context)
             candidates = [tokenizer.encode(c) for c in ex.continuations]

@@ -232,7 +232,7 @@ register_task(Task(
 
 def _register_generated_tasks() -> None:
     from .cloze import load_cloze
-    from .synthetic_task import DEFAULT_PATH, load_synthetic
+    from .synthetic_task import DEFAULT_PATH, load_synthetic, load_synthetic_choice
 
     register_task(Task(
         "cloze", MULTIPLE_CHOICE, load_cloze, SHARED_DATA / "wikitext-2" / "valid.txt",
@@ -243,6 +243,12 @@ def _register_generated_tasks() -> None:
         "synthetic", GENERATION, load_synthetic, DEFAULT_PATH,
         "a test split written by `python -m illada_lightning.data.synthetic --out DIR` (jsonl with "
         "'prompt'/'response' or chat 'messages')",
+        chat=True,
+    ))
+    register_task(Task(
+        "synthetic_choice", MULTIPLE_CHOICE, load_synthetic_choice, DEFAULT_PATH,
+        "a test split written by `python -m illada_lightning.data.synthetic --out DIR` (the synthetic task's "
+        "file; each result is scored among near-miss distractors)",
         chat=True,
     ))
 
