@@ -19,9 +19,19 @@ from illada_lightning.data.synthetic import (
 REPO = Path(__file__).resolve().parents[1]
 
 
+ARITHMETIC = ("add", "sub", "mul", "word")
+
+
 def check_answer(example):
     """Recompute the answer from the prompt text alone."""
     p = example["prompt"]
+    numbers = [int(x) for x in re.findall(r"\d+", p)]
+    if p.startswith("Repeat "):
+        return str(numbers[0])
+    if p.startswith("What number comes after"):
+        return str(numbers[0] + 1)
+    if p.startswith("Which is larger"):
+        return str(max(numbers))
     if m := re.fullmatch(r"What is (\d+) ([-+*]) (\d+)\?", p):
         a, op, b = int(m[1]), m[2], int(m[3])
     else:
@@ -31,11 +41,12 @@ def check_answer(example):
 
 
 def test_examples_are_seeded_distinct_and_correct():
-    ex = make_arithmetic_examples(400, seed=3)
-    assert ex == make_arithmetic_examples(400, seed=3)
-    assert ex != make_arithmetic_examples(400, seed=4)
-    assert len({e["prompt"] for e in ex}) == 400
-    assert {e["kind"] for e in ex} == {"add", "sub", "mul", "word"}
+    kinds = ("add", "sub", "mul", "word", "copy", "next", "max")
+    ex = make_arithmetic_examples(420, seed=3, kinds=kinds, digits=2)
+    assert ex == make_arithmetic_examples(420, seed=3, kinds=kinds, digits=2)
+    assert ex != make_arithmetic_examples(420, seed=4, kinds=kinds, digits=2)
+    assert len({e["prompt"] for e in ex}) == 420
+    assert {e["kind"] for e in ex} == set(kinds)
     for e in ex:
         assert e["response"] == e["answer"] == check_answer(e)
         assert int(e["answer"]) >= 0
@@ -56,11 +67,16 @@ def test_dialogues_are_two_turn_and_consistent():
 
 
 def problem(example):
-    """(op, operands) of a single-turn example, unordered for + and * (as the split hash sees it)."""
+    """(op, operands) of a single-turn example, read from its wording alone, as the split hash sees it."""
     p = example["prompt"]
-    a, b = (int(x) for x in re.findall(r"\d+", p))
-    op = "*" if "*" in p or "bags" in p else "-" if re.search(r" - |gives|lost", p) else "+"
-    return (op, min(a, b), max(a, b)) if op in "+*" else (op, a, b)
+    numbers = [int(x) for x in re.findall(r"\d+", p)]
+    if p.startswith("Repeat "):
+        return "=", numbers[0], 0
+    if p.startswith("What number comes after"):
+        return "+", numbers[0], 1
+    a, b = numbers
+    op = "max" if "larger" in p else "*" if "*" in p or "bags" in p else "-" if re.search(r" - |gives|lost", p) else "+"
+    return (op, a, b) if op == "-" else (op, min(a, b), max(a, b))
 
 
 def test_splits_are_disjoint():
@@ -74,12 +90,14 @@ def test_splits_are_disjoint():
 def test_held_out_problems_never_meet_training_at_any_size_or_seed():
     """The split is a function of the problem (3 + 5 and 5 + 3 are one), not of the draw: a large training
     set from another seed still shares no problem, in any wording, with the test split."""
-    test = make_splits(0, 0, 200, seed=0, dialogue_fraction=0)["test"]
-    train = make_arithmetic_examples(2000, seed=99, split="train")
+    kinds = ("copy", "next", "max", "add", "sub", "word")
+    test = make_splits(0, 0, 200, seed=0, kinds=kinds)["test"]
+    train = make_splits(20000, 0, 0, seed=99, kinds=kinds, repeat_train=True)["train"]
+    assert len({e["prompt"] for e in train}) < 20000  # repeats: more examples than the copy/next problems
     held_out = {problem(e) for e in test}
     assert held_out.isdisjoint(problem(e) for e in train)
     assert all(split_of(*problem(e)) == "test" for e in test)
-    assert split_of("+", 3, 5) == split_of("+", 5, 3)
+    assert split_of("+", 3, 5) == split_of("+", 5, 3) and split_of("max", 3, 5) == split_of("max", 5, 3)
     shares = [sum(split_of("+", a, b) == s for a in range(100) for b in range(a, 100)) / 5050
               for s in ("test", "valid")]
     assert all(0.07 < share < 0.13 for share in shares), shares  # HOLDOUT = 10 % each
@@ -111,7 +129,7 @@ def test_multiple_choice_holds_the_answer_among_near_misses():
 
 
 def test_write_splits_matches_the_shipped_files(tmp_path):
-    paths = write_splits(tmp_path, 2500, 250, 250, seed=0)  # the command in data/instruct/README.md
+    paths = write_splits(tmp_path)  # the command in data/instruct/README.md: the defaults
     for name, path in paths.items():
         assert path.read_bytes() == (REPO / "data" / "instruct" / f"{name}.jsonl").read_bytes(), name
 

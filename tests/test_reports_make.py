@@ -108,6 +108,7 @@ def test_sweep_report_has_paper_layout_values_plots_and_citations(store, tmp_pat
     report = build_report(uri, sweep="scoring", out_root=tmp_path)
     md = report.path.read_text()
     assert "Scoring rule × task (layout of iLLaDA Table 4)" in md
+    assert "What the paper found: iLLaDA Table 4 (8B base): confidence scoring beats likelihood" in md
     assert "| eval.scoring_rule | arc_challenge (acc) | hellaswag (acc_norm) | piqa (acc) | runs |" in md
     # mean ± s.e. over the two seeds, in %: likelihood first (the order the trials ran in)
     # mean over the two seeds ± the larger of their spread and the pooled binomial error (n=500 each), in %;

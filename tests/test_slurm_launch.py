@@ -112,7 +112,7 @@ def test_validate_checks_a_training_command_without_training_or_importing_torch(
     out, imported, _ = probe("experiments.run", "strategy=fsdp", "devices=8", "num_nodes=2", "resume=auto",
                              "--validate")
     assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith("config is valid: stage=all strategy=fsdp devices=8 num_nodes=2 resume=auto")
+    assert out.stdout.startswith("config is valid: stage=sft strategy=fsdp devices=8 num_nodes=2 resume=auto")
     assert imported == []
     out, _, _ = probe("experiments.run", "--validate", "num_nodes=0")
     assert out.returncode == 2 and "error: num_nodes must be >= 1, got 0" in out.stderr

@@ -31,11 +31,11 @@ def no_training_happened(root: Path, name: str) -> bool:
     ("pretrain.schedule.smoothing=median", "smoothing must be"),
     ("sft.optim.betas=[0.9]", "sft.optim.betas must be two numbers"),
     ("resume=yes", "resume must be"),
-    ("init_from=x", "init_from is for stage=sft"),
+    ("stage=all init_from=x", "init_from is for stage=sft"),
 ])
 def test_bad_config_values(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
-        load_config(ExperimentConfig, DEFAULT_YAML, [override])
+        load_config(ExperimentConfig, DEFAULT_YAML, override.split())
 
 
 def test_cli_reports_bad_override_without_traceback(capsys):

@@ -37,7 +37,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 KINDS = ("add", "sub", "mul", "word", "copy", "next", "max")
-ARITHMETIC = ("add", "sub", "mul", "word")  # the default mix; copy, next and max are the easy end
+SHIPPED_KINDS = ("copy", "next", "max")  # data/instruct: the easy end, what the default job learns on a CPU
+SHIPPED_DIGITS = 3
 SPLITS = ("train", "valid", "test")
 HOLDOUT = 0.1  # fraction of all problems in the valid split, and again in the test split
 NAMES = ("Tom", "Anna", "Ben", "Lucy", "Sam", "Mia", "Leo", "Ella", "Max", "Zoe")
@@ -135,8 +136,8 @@ def _draw(n: int, what: str, draw, seen: set[str], key) -> list[dict]:
     return out
 
 
-def make_arithmetic_examples(n: int, seed: int, kinds: Sequence[str] = ARITHMETIC, exclude: set[str] | None = None,
-                             *, digits: int = 2, split: str | None = None, distinct: bool = True) -> list[dict]:
+def make_arithmetic_examples(n: int, seed: int, kinds: Sequence[str] = SHIPPED_KINDS, exclude: set[str] | None = None,
+                             *, digits: int = SHIPPED_DIGITS, split: str | None = None, distinct: bool = True) -> list[dict]:
     """`n` distinct examples (by prompt), kinds in round-robin order; prompts in `exclude` are skipped.
     `split`: only problems of that split (see `split_of`); None: any. `distinct=False` draws with repetition
     (a training set larger than its split's problem space; still no problem of another split)."""
@@ -180,8 +181,8 @@ def dialogue_key(dialogue: dict) -> str:
     return dialogue["messages"][0]["content"] + " / " + dialogue["messages"][2]["content"]
 
 
-def make_splits(n_train: int, n_valid: int, n_test: int, seed: int = 0, dialogue_fraction: float = 0.1, *,
-                kinds: Sequence[str] = ARITHMETIC, digits: int = 2, repeat_train: bool = False) -> dict:
+def make_splits(n_train: int, n_valid: int, n_test: int, seed: int = 0, dialogue_fraction: float = 0.0, *,
+                kinds: Sequence[str] = SHIPPED_KINDS, digits: int = SHIPPED_DIGITS, repeat_train: bool = False) -> dict:
     """Train/valid/test lists whose problems never meet (each split draws only its own problems).
     `repeat_train`: the train split may repeat problems (as many examples as a long run needs)."""
     if not 0 <= dialogue_fraction <= 1:
@@ -225,9 +226,9 @@ def to_record(example: dict) -> dict:
     return {"prompt": example["prompt"], "response": example["response"], "kind": example["kind"]}
 
 
-def write_splits(out_dir: str | Path, n_train: int = 2500, n_valid: int = 250, n_test: int = 250,
-                 seed: int = 0, dialogue_fraction: float = 0.1, *, kinds: Sequence[str] = ARITHMETIC,
-                 digits: int = 2, repeat_train: bool = False) -> dict[str, Path]:
+def write_splits(out_dir: str | Path, n_train: int = 2000, n_valid: int = 200, n_test: int = 200,
+                 seed: int = 0, dialogue_fraction: float = 0.0, *, kinds: Sequence[str] = SHIPPED_KINDS,
+                 digits: int = SHIPPED_DIGITS, repeat_train: bool = False) -> dict[str, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
@@ -244,15 +245,15 @@ def write_splits(out_dir: str | Path, n_train: int = 2500, n_valid: int = 250, n
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="data/instruct")
-    parser.add_argument("--n-train", type=int, default=2500)
-    parser.add_argument("--n-valid", type=int, default=250)
-    parser.add_argument("--n-test", type=int, default=250)
+    parser.add_argument("--n-train", type=int, default=2000)
+    parser.add_argument("--n-valid", type=int, default=200)
+    parser.add_argument("--n-test", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--kinds", default=",".join(ARITHMETIC), help=f"comma-separated, from {','.join(KINDS)}")
-    parser.add_argument("--digits", type=int, default=2, help="digits of the largest operand")
+    parser.add_argument("--kinds", default=",".join(SHIPPED_KINDS), help=f"comma-separated, from {','.join(KINDS)}")
+    parser.add_argument("--digits", type=int, default=SHIPPED_DIGITS, help="digits of every number")
     parser.add_argument("--repeat-train", action="store_true",
                         help="the train split may repeat problems (more examples than its problem space)")
-    parser.add_argument("--dialogue-fraction", type=float, default=0.1, help="share of 2-turn dialogues")
+    parser.add_argument("--dialogue-fraction", type=float, default=0.0, help="share of 2-turn dialogues")
     args = parser.parse_args(argv)
     kinds = tuple(k for k in args.kinds.split(",") if k)
     try:

@@ -98,6 +98,8 @@ def sweep_section(parent: RunRecord, tree: list[RunRecord], cited: dict[str, Run
     if finished:
         table = ablation_table(finished, keys, objective)
         lines += [f"### {table.title}", "", markdown_table(table), "", table.note, ""]
+        if table.paper:
+            lines += [f"What the paper found: {table.paper} What we found is the verdict below.", ""]
         for t in finished:
             cited[t.run_id] = t
         lines += [best_setting_line(finished, keys, objective, parent.tags.get("sweep.direction")), ""]

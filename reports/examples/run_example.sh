@@ -14,17 +14,19 @@ OUT=${EXAMPLE_OUT:-reports/examples}
 URI="sqlite:///$ROOT/mlflow.db"
 if [[ "${EXAMPLE_SCALE:-gpu}" == cpu ]]; then
   EXP=experiments/configs/default.yaml
-  TRAIN="pretrain.max_steps=60,sft.max_steps=20,progress_bar=false"
-  SFT="sft.data.train_files=[data/instruct/valid.jsonl]"
-  LIMIT=20
+  TRAIN="progress_bar=false"  # the default job: SFT of the tiny model from random weights (~80 s)
+  INIT=""
+  MC_TASK=synthetic_choice
+  LIMIT=200
 else
   EXP=experiments/configs/small_gpu.yaml
   TRAIN="pretrain.max_time=00:00:04:00,sft.epochs=3,progress_bar=false"
-  SFT="progress_bar=false"  # (any one more override of the SFT run)
+  INIT="init_from=$ROOT/example/pretrain,"
+  MC_TASK=cloze
   LIMIT=300
 fi
 TRAIN=${EXAMPLE_TRAIN:-$TRAIN}          # e.g. a shorter pretraining when device time is short
-SWEEPS=${EXAMPLE_SWEEPS:-"scoring_rule block_length remasking sft_epochs"}
+SWEEPS=${EXAMPLE_SWEEPS:-"scoring_rule block_length remasking decoding sft_epochs"}
 CKPT="$ROOT/example"
 common=("tracking_uri=$URI" "experiment=$EXP")
 
@@ -33,7 +35,7 @@ python -m experiments.run "$EXP" name=example "runs_root=$ROOT" "mlflow.tracking
   preview.num_prompts=0
 has() { [[ " $SWEEPS " == *" $1 "* ]]; }
 has scoring_rule && python -m sweeps.run sweeps/scoring_rule.yaml "${common[@]}" "checkpoint=$CKPT" "output_dir=$ROOT/sweeps/scoring_rule" \
-  "evaluation.tasks=[cloze]" "evaluation.overrides=[limit=$LIMIT,scoring.mc_samples=32]"
+  "evaluation.tasks=[$MC_TASK]" "evaluation.overrides=[limit=$LIMIT,scoring.mc_samples=32]"
 if [[ -n "${EXAMPLE_GSM8K_LIMIT:-}" ]]; then  # GSM8K end to end through the generation path
   python -m experiments.evaluate "ckpt=$CKPT/sft" "tasks=[gsm8k]" "limit=$EXAMPLE_GSM8K_LIMIT" sampler.gen_length=64 \
     sampler.block_length=32 sampler.steps=64 "out=$ROOT/gsm8k" "tracking_uri=$URI"
@@ -42,8 +44,10 @@ has block_length && python -m sweeps.run sweeps/block_length.yaml "${common[@]}"
   "evaluation.tasks=[synthetic]" "evaluation.overrides=[limit=$LIMIT,sampler.gen_length=64,sampler.steps=64]"
 has remasking && python -m sweeps.run sweeps/remasking.yaml "${common[@]}" "checkpoint=$CKPT" "output_dir=$ROOT/sweeps/remasking" \
   "evaluation.tasks=[synthetic]" "evaluation.overrides=[limit=$LIMIT,sampler.gen_length=64,sampler.block_length=64,sampler.steps=64]"
+has decoding && python -m sweeps.run sweeps/decoding.yaml "${common[@]}" "checkpoint=$CKPT" "output_dir=$ROOT/sweeps/decoding" \
+  "evaluation.tasks=[synthetic]" "evaluation.overrides=[limit=$LIMIT,sampler.gen_length=64,sampler.block_length=32,sampler.steps=64,sampler.parallel=threshold]"
 has sft_epochs && python -m sweeps.run sweeps/sft_epochs.yaml "${common[@]}" "output_dir=$ROOT/sweeps/sft_epochs" \
-  "overrides=[stage=sft,init_from=$CKPT/pretrain,\"$SFT\"]" \
+  "overrides=[stage=sft,${INIT}progress_bar=false]" \
   "evaluation.tasks=[synthetic]" "evaluation.overrides=[subset_size=$LIMIT,sampler.gen_length=32,sampler.block_length=32,sampler.steps=32]"
 [[ "${EXAMPLE_REPORTS:-1}" == 1 ]] || exit 0  # reports can also be made later from the MLflow store
 python -m reports.make --experiment illada-lightning --tracking-uri "$URI" --out-root "$OUT" || true
