@@ -3,7 +3,7 @@
 # checkpoint (scoring rule, block length, remasking) and the SFT-epoch sweep (one SFT run, evaluated after
 # every epoch), then build every report from MLflow. The numbers in the reports come from this run.
 #
-#   One GPU (../shared/data must be reachable, see experiments/configs/small_gpu.yaml):
+#   One GPU (the small model on the synthetic family's harder mix, ~8 minutes; EXAMPLE_SWEEPS to pick sweeps):
 #     bash reports/examples/run_example.sh
 #   The same pipeline on CPU with the tiny model (a smoke test, minutes):
 #     EXAMPLE_SCALE=cpu bash reports/examples/run_example.sh
@@ -19,10 +19,13 @@ if [[ "${EXAMPLE_SCALE:-gpu}" == cpu ]]; then
   MC_TASK=synthetic_choice
   LIMIT=200
 else
-  EXP=experiments/configs/small_gpu.yaml
-  TRAIN="pretrain.max_time=00:00:04:00,sft.epochs=3,progress_bar=false"
-  INIT="init_from=$ROOT/example/pretrain,"
-  MC_TASK=cloze
+  # The small model on the family's harder mix (experiments/configs/small_family_gpu.yaml), its data generated here.
+  EXP=experiments/configs/small_family_gpu.yaml
+  [[ -f runs/family_data/train.jsonl ]] || python -m illada_lightning.data.synthetic --out runs/family_data \
+    --kinds copy,next,max,add --digits 3 --n-train 40000 --n-valid 200 --n-test 300 --dialogue-fraction 0 --repeat-train
+  TRAIN="sft.max_time=00:00:03:00,progress_bar=false"
+  INIT=""
+  MC_TASK=synthetic_choice
   LIMIT=300
 fi
 TRAIN=${EXAMPLE_TRAIN:-$TRAIN}          # e.g. a shorter pretraining when device time is short
