@@ -60,6 +60,7 @@ def model_overrides(conf: dict) -> list[str]:
 def run_args(root, conf, instruct, corpus, *extra) -> list[str]:
     return [f"runs_root={root}", "mlflow.enabled=false", "progress_bar=false", *model_overrides(conf),
             f"sft.data.train_files=[{instruct}]", f"sft.data.val_files=[{instruct}]", "sft.data.max_seq_len=null",
+            "sft.data.masking=whole_window",
             f"pretrain.data.train_files=[{corpus}]", f"pretrain.data.val_files=[{corpus}]",
             "pretrain.data.max_seq_len=null", f"pretrain.data.cache_dir={root / 'cache'}",
             f"sft.data.cache_dir={root / 'cache'}", "sft.batch_size=8", "pretrain.batch_size=8",
