@@ -81,8 +81,9 @@ def test_cloze_task_through_the_registry(tmp_path):
 
 
 def test_synthetic_task_splits_are_deterministic_and_answers_correct(tmp_path):
-    paths_a = write_splits(tmp_path / "a", n_train=40, n_valid=5, n_test=30, seed=5)
-    paths_b = write_splits(tmp_path / "b", n_train=40, n_valid=5, n_test=30, seed=5)
+    kinds = ("add", "sub", "mul", "copy", "next", "max")
+    paths_a = write_splits(tmp_path / "a", n_train=40, n_valid=5, n_test=30, seed=5, kinds=kinds, digits=2)
+    paths_b = write_splits(tmp_path / "b", n_train=40, n_valid=5, n_test=30, seed=5, kinds=kinds, digits=2)
     assert paths_a["test"].read_text() == paths_b["test"].read_text()
     train_prompts = {json.loads(x).get("prompt") for x in paths_a["train"].read_text().splitlines()}
 
@@ -96,6 +97,25 @@ def test_synthetic_task_splits_are_deterministic_and_answers_correct(tmp_path):
         if match:  # arithmetic items: the reference is the true value
             a, op, b = match.groups()
             assert int(ex.target) == {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
+
+
+def test_synthetic_choice_holds_the_answer_among_near_misses_and_scores_after_the_chat_prompt(tmp_path):
+    paths = write_splits(tmp_path, n_train=10, n_valid=2, n_test=12, seed=2)
+    cfg = EvalConfig(tasks=["synthetic_choice"], data={"synthetic_choice": str(paths["test"])})
+    examples = get_task("synthetic_choice").examples(cfg)
+    targets = [ex.target for ex in get_task("synthetic").examples(EvalConfig(data={"synthetic": str(paths["test"])}))]
+    assert len(examples) == 12 and [ex.continuations[ex.gold] for ex in examples] == targets
+    assert all(len(set(ex.continuations)) == 4 for ex in examples)
+    tok = CharTokenizer()
+    chat_contexts = {tok.format_chat(ex.messages, add_generation_prompt=True): ex.continuations[ex.gold]
+                     for ex in examples}
+
+    def scorer(items):  # prefers the right answer only when the context is the chat-formatted question
+        return [[1.0 if chat_contexts.get(tok.decode(ctx)) == tok.decode(c) else 0.0 for c in cands]
+                for ctx, cands in items]
+
+    results = evaluate(FakeModel(), tok, None, cfg, scorer=scorer)
+    assert results["synthetic_choice"]["acc"] == 1.0 and results["synthetic_choice"]["n"] == 12
 
 
 def test_synthetic_task_exact_match_through_the_chat_template(tmp_path):

@@ -77,6 +77,35 @@ def test_shard_model_shards_every_block_and_the_root_and_keeps_the_numbers(one_p
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
 
 
+def test_an_optimizer_built_on_unsharded_parameters_is_prevented(one_process_group):
+    """On one H100 with fsdp_cpu_offload=true the optimizer was built while the root's parameters were registered
+    unsharded (bf16 CUDA tensors instead of the fp32 shards; the embedding and final norm), and saving its state
+    failed (`KeyError: 0` in get_optimizer_state_dict). That state is made here with `unshard()` (a CPU forward
+    reshards the root again); `reshard` (called by configure_optimizers) registers the shards before the
+    optimizer sees the parameters."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+
+    from illada_lightning.training.strategy import reshard
+
+    model = build_model("tiny", n_layers=2, d_model=32, n_heads=2, n_kv_heads=1, ffn_dim=64, vocab_size=128,
+                        max_seq_len=32)
+    shard_model(model, init_device_mesh("cpu", (1,)), param_dtype=torch.bfloat16)  # bf16-mixed, as on the GPU
+    model.unshard()
+    assert [n for n, p in model.named_parameters() if not isinstance(p, DTensor)] == ["embed.weight", "norm.weight"]
+    stale = {id(p) for p in model.parameters()}
+    reshard(model)
+    assert all(isinstance(p, DTensor) for p in model.parameters())
+    # What an optimizer built before the reshard would hold: two tensors the model no longer has (KeyError: 0).
+    assert len(stale - {id(p) for p in model.parameters()}) == 2
+    optimizer = torch.optim.AdamW(model.parameters())
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    assert len(get_optimizer_state_dict(model, optimizer)["state"]) == len(list(model.parameters()))
+
+
 def test_bf16_true_shards_bf16_parameters(one_process_group):
     from torch.distributed.device_mesh import init_device_mesh
 

@@ -35,7 +35,7 @@ from .config import NAN_CHECKS, OptimConfig, ScheduleConfig
 from .finite import DeviceFlag
 from .lora import check_resumed_lora
 from .schedule import RecipeLR
-from .strategy import is_sharded, local_tensor
+from .strategy import is_sharded, local_tensor, reshard
 
 _VAL_SEED_OFFSET = 7_777_777
 
@@ -258,6 +258,8 @@ class DiffusionLMModule(pl.LightningModule):
         )
 
     def configure_optimizers(self):
+        if self._sharded():
+            reshard(self.model)
         params = next(self.parameters())
         fused = self.optim.fused if self.optim.fused is not None else params.is_cuda
         optimizer = torch.optim.AdamW(

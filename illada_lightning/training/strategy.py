@@ -161,6 +161,16 @@ def is_sharded(model: torch.nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
+def reshard(model: torch.nn.Module) -> None:
+    """Register every FSDP2 module's sharded parameters. The root keeps its parameters unsharded after a forward
+    (reshard_after_forward=False); an optimizer built then would hold those temporary unsharded tensors (measured
+    with fsdp_cpu_offload=true on one H100: the embedding and final norm, and a checkpoint's optimizer state then
+    fails with `KeyError: 0` in `get_optimizer_state_dict`)."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def shard_model(model: torch.nn.Module, mesh, *, param_dtype: torch.dtype | None = None,
                 cpu_offload: bool = False) -> torch.nn.Module:
     """`fully_shard` each block of a `MaskPredictor`, then the root (idempotent: a sharded model is kept)."""
