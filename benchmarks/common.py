@@ -18,6 +18,17 @@ def environment(device: torch.device) -> dict:
             "torch": torch.__version__, "commit": git_commit()}
 
 
+def fast_rows(args, random_rows, task_rows) -> list[dict]:
+    """The rows of a `--fast` benchmark: `random_rows` on random inputs (unless --skip-random), then `task_rows` on
+    `--task` with the trained `--ckpt`; each gets (args, model, [tokenizer,] name, device)."""
+    device = torch.device(args.device)
+    model, tokenizer, name = fast_model(args, device)
+    rows = [] if args.skip_random else random_rows(args, model, name, device)
+    if args.task:
+        rows += task_rows(args, model, tokenizer, name, device)
+    return rows
+
+
 def fast_model(args, device):
     """(model, tokenizer, name) of the fast-decoding benchmarks: the trained `--ckpt` or random `--preset` weights,
     in the timing dtype (`--dtype`)."""

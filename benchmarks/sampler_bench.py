@@ -46,7 +46,7 @@ from illada_lightning.diffusion.sampler import generate
 from .common import (
     emit,
     environment,
-    fast_model,
+    fast_rows,
     fill_preset_defaults,
     precision_scope,
     set_exact_fp32,
@@ -175,12 +175,7 @@ def setting_fields(args, cache, parallel, graph) -> dict:
 
 def run_fast(args) -> list[dict]:
     """Exact vs cached / parallel decoding on the same prompts: tokens/s, speed-up and token agreement."""
-    device = torch.device(args.device)
-    model, tokenizer, name = fast_model(args, device)
-    rows = [] if args.skip_random else random_prompt_rows(args, model, name, device)
-    if args.task:
-        rows += task_rows(args, model, tokenizer, name, device)
-    return rows
+    return fast_rows(args, random_prompt_rows, task_rows)
 
 
 def random_prompt_rows(args, model, name, device) -> list[dict]:

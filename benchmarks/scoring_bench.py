@@ -41,7 +41,7 @@ from illada_lightning.diffusion.scoring import score_batch
 from .common import (
     emit,
     environment,
-    fast_model,
+    fast_rows,
     fill_preset_defaults,
     precision_scope,
     set_exact_fp32,
@@ -221,12 +221,7 @@ def task_rows(args, model, tokenizer, name, device) -> list[dict]:
 
 
 def run_fast(args) -> list[dict]:
-    device = torch.device(args.device)
-    model, tokenizer, name = fast_model(args, device)
-    rows = [] if args.skip_random else random_item_rows(args, model, name, device)
-    if args.task:
-        rows += task_rows(args, model, tokenizer, name, device)
-    return rows
+    return fast_rows(args, random_item_rows, task_rows)
 
 
 def random_item_rows(args, model, name, device) -> list[dict]:
