@@ -78,9 +78,14 @@ def split_of(op: str, a: int, b: int) -> str:
     return "test" if h < HOLDOUT else "valid" if h < 2 * HOLDOUT else "train"
 
 
+def _width(digits: int) -> tuple[int, int]:
+    """The smallest and largest number with `digits` digits (0..9 for one)."""
+    return (10 ** (digits - 1) if digits > 1 else 0), 10**digits - 1
+
+
 def _pair(rng: random.Random, op: str, digits: int) -> tuple[int, int]:
     """Operands with `digits` digits whose result has `digits` digits too (a multiplier has one digit)."""
-    low, top = (10 ** (digits - 1) if digits > 1 else 0), 10**digits - 1
+    low, top = _width(digits)
     while True:
         if op == "*":
             a, b = rng.randint(max(low, 2), top), rng.randint(2, 9)
@@ -108,7 +113,7 @@ def make_example(rng: random.Random, kind: str, digits: int = 2) -> dict:
         prompt = template.format(n=rng.choice(NAMES), a=a, b=b, i=rng.choice(ITEMS))
     elif kind in READING:
         template, op = READING[kind]
-        low, top = (10 ** (digits - 1) if digits > 1 else 0), 10**digits - 1
+        low, top = _width(digits)
         a = rng.randint(low, top - 1 if kind == "next" else top)  # a + 1 keeps `digits` digits
         b = {"copy": 0, "next": 1}.get(kind)
         while b is None or (kind == "max" and b == a):
