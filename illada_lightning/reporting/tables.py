@@ -35,6 +35,7 @@ TITLES = (
     ("block_length", "Block length × task (layout of LLaDA Table 7)"),
     ("remasking", "Remasking strategy × task (layout of LLaDA Table 9)"),
     ("epochs", "SFT epochs × task (the numbers behind iLLaDA Fig. 1)"),
+    ("masking", "SFT masking × task (iLLaDA §2.2 whole window vs LLaDA §2.3 response only)"),
 )
 
 # What the paper found for that table, printed beside ours (same matching as TITLES).
@@ -52,6 +53,8 @@ PAPER_FINDINGS = (
     ("remasking", "LLaDA Table 9: low-confidence remasking consistently outperforms random remasking (GSM8K 70.0 vs "
                   "21.3, BBH 45.0 vs 32.1)."),
     ("epochs", "iLLaDA Fig. 1: accuracy generally improves with more SFT epochs, up to the 12 they trained."),
+    ("masking", "iLLaDA §2.2 masks the whole window (prompt, response and EOS), as in pre-training, for its 8B "
+                "model; the paper reports no ablation against LLaDA's response-only masking."),
 )
 
 
