@@ -204,7 +204,6 @@ def random_prompt_rows(args, model, name, device) -> list[dict]:
 
 def task_rows(args, model, tokenizer, name, device) -> list[dict]:
     """The evaluation task decoded with every setting: accuracy ± SE and agreement with exact decoding."""
-    import time
 
     from illada_lightning.diffusion.sampler_config import SamplerConfig
     from illada_lightning.evaluation.backends import model_generator
@@ -229,11 +228,8 @@ def task_rows(args, model, tokenizer, name, device) -> list[dict]:
             generated.extend(out)
             return out
 
-        start = time.perf_counter()
-        metrics = evaluate(model, tokenizer, [args.task], cfg, generator=recording)[args.task]
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - start
+        metrics, seconds = timed(lambda cfg=cfg, recording=recording:
+                                 evaluate(model, tokenizer, [args.task], cfg, generator=recording)[args.task], device)
         answers = [tokenizer.decode(ids) for ids in generated]
         exact = exact or (generated, answers, seconds)
         rows.append({

@@ -176,7 +176,6 @@ FAST_SETTINGS = (("none", "off"), ("context", "off"), ("none", "threshold"), ("c
 
 def task_rows(args, model, tokenizer, name, device) -> list[dict]:
     """The multiple-choice task scored with every setting: accuracy ± SE and argmax agreement with exact."""
-    import time
 
     from illada_lightning.diffusion.scoring_config import ScoringConfig
     from illada_lightning.evaluation.backends import model_scorer
@@ -200,11 +199,8 @@ def task_rows(args, model, tokenizer, name, device) -> list[dict]:
             scores.extend(out)
             return out
 
-        start = time.perf_counter()
-        metrics = evaluate(model, tokenizer, [args.task], cfg, scorer=recording)[args.task]
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - start
+        metrics, seconds = timed(lambda cfg=cfg, recording=recording:
+                                 evaluate(model, tokenizer, [args.task], cfg, scorer=recording)[args.task], device)
         picks = [max(range(len(s)), key=s.__getitem__) for s in scores]
         exact = exact or (picks, scores, seconds)
         rows.append({
