@@ -13,7 +13,6 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback
 from mlflow import MlflowClient
 
 import illada_lightning as il
@@ -26,7 +25,7 @@ from illada_lightning.model.lora import LoraError, adapted_parameter_counts, add
 from illada_lightning.model.lora_config import LoraConfig
 from illada_lightning.sweeps.study import open_storage
 from tests.test_hf_init_from import llada_dir, run_args  # noqa: F401  (llada_dir: a module-scoped fixture)
-from tests.test_run_experiment import DEFAULT_YAML
+from tests.test_run_experiment import DEFAULT_YAML, SimulatedCrash, StopAt
 
 pytestmark = pytest.mark.slow  # real (tiny) trainings
 REPO = Path(__file__).resolve().parents[1]
@@ -62,19 +61,6 @@ def config(root: Path, llada, *extra: str) -> ExperimentConfig:
     args = run_args(root, conf, instruct, corpus, f"init_from={ckpt}", *SFT, *LORA, *EVAL,
                     f"eval.data.cloze={corpus}", *extra)
     return load_config(ExperimentConfig, DEFAULT_YAML, args)
-
-
-class SimulatedCrash(RuntimeError):
-    pass
-
-
-class StopAt(Callback):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step >= self.step:
-            raise SimulatedCrash(f"crash at step {trainer.global_step}")  # no checkpoint of this step
 
 
 @pytest.fixture(scope="module")
