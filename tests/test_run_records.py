@@ -1,10 +1,11 @@
 """What a run records for a researcher beyond the loss: MLflow's system metrics, started and stopped with the
-stage's run (`mlflow.system_metrics`), the interval metrics' arithmetic, and the report's training plots read
+stage's run (`mlflow.system_metrics`), the interval metrics' arithmetic, metrics held back by a tracking outage, and the report's training plots read
 back from those records. The metric names of a real run are checked in tests/test_run_experiment.py (the
 end-to-end run), the switch event in tests/test_training_plateau.py. One MLflow store serves the module."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 from illada_lightning import runs
 from illada_lightning.config import ConfigError
 from illada_lightning.training.callbacks import mask_ratio_metrics
-from illada_lightning.training.tracking import Tracker, check_tracking_uri, system_metrics_on
+from illada_lightning.training.tracking import MISSING_STEPS_TAG, Tracker, check_tracking_uri, system_metrics_on
 from tests.test_run_experiment import small_config
 
 
@@ -167,3 +168,49 @@ def test_a_gpu_run_logs_mfu_memory_the_gemm_rate_and_system_metrics(tmp_path, mo
     assert 0 < run.data.metrics[runs.MAX_MEMORY_GIB] < 80
     assert set(runs.LOSS_BY_MASK_RATIO) <= set(run.data.metrics)
     assert "system/gpu_0_utilization_percentage" in run.data.metrics  # system metrics on by default on GPU
+
+
+def _outage_logger(tmp_path: Path, fail: list[str]):
+    """A stage logger on a SQLite store whose `log_batch` fails as `fail` says, call by call: "lost" (the request
+    never arrives), "stored" (the store keeps the batch, the answer is lost: a server killed mid-request)."""
+    from mlflow.tracking import MlflowClient
+
+    from illada_lightning.training.tracking import StageLogger
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("outage")).info.run_id
+    logger = StageLogger(experiment_name="outage", tracking_uri=uri, run_id=run_id,
+                         unsent_file=tmp_path / "unsent.jsonl")
+    send = logger.experiment.log_batch
+
+    def flaky(*args, **kwargs):
+        how = fail.pop(0) if fail else None
+        if how == "stored":
+            send(*args, **kwargs)
+        if how:
+            raise ConnectionError(f"server gone ({how})")
+        send(*args, **kwargs)
+
+    logger.experiment.log_batch = flaky
+    return logger, client, run_id
+
+
+def test_a_batch_the_server_stored_before_failing_is_not_logged_twice(tmp_path):
+    logger, client, run_id = _outage_logger(tmp_path, ["stored", "lost", "lost"])
+    for step in range(4):
+        logger.log_metrics({"train/loss": 5.0 - step}, step=step)
+        time.sleep(0.005)  # later attempts carry later clocks: only the first attempt's time makes a resend equal
+    steps = [m.step for m in client.get_metric_history(run_id, "train/loss")]
+    assert sorted(steps) == [0, 1, 2, 3] and not logger.unsent
+
+
+def test_metrics_still_unsent_at_the_end_are_kept_in_a_file_and_named_on_the_run(tmp_path):
+    logger, client, run_id = _outage_logger(tmp_path, ["lost"] * 4)
+    logger.log_metrics({"train/loss": 4.0}, step=0)
+    logger.log_metrics({"train/loss": 3.0}, step=1)
+    logger.finalize()
+    kept = [json.loads(line) for line in (tmp_path / "unsent.jsonl").read_text().splitlines()]
+    assert [(k["step"], k["metrics"]) for k in kept] == [(0, {"train/loss": 4.0}), (1, {"train/loss": 3.0})]
+    assert client.get_run(run_id).data.tags[MISSING_STEPS_TAG] == "0,1"
+    assert client.get_metric_history(run_id, "train/loss") == []

@@ -111,29 +111,36 @@ class StageLogger(MLFlowLogger):
       training and after kill -9); the Tracker decides instead.
     - Outages: MLflow's client retries each request for about 4 minutes (`MLFLOW_HTTP_REQUEST_MAX_RETRIES`, 7
       with backoff), so a server down for less than that delays the logging call and loses nothing. Past that,
-      the metrics of the failed call are kept and sent again before the next call; whatever is still unsent
+      the metrics of the failed call are kept and sent again before the next call, with their first attempt's
+      timestamp (a batch the server stored before it died unanswered is then dropped as equal, not stored twice:
+      seen as a duplicated step in CI before); whatever is still unsent
       when the stage ends is written to `<stage dir>/mlflow_unsent_metrics.jsonl` and its steps are named in
       the run's tag `illada.metrics_missing_steps` (and in a warning), so a reader of the run sees what is missing.
     """
 
     def __init__(self, *args, unsent_file: Path | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.unsent: list[tuple[dict[str, float], int | None]] = []
+        self.unsent: list[tuple[dict[str, float], int | None, int]] = []  # metrics, step, time (ms)
         self.unsent_file = unsent_file
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        self.unsent.append((dict(metrics), step))
+        self.unsent.append((dict(metrics), step, int(time.time() * 1000)))
         self.flush()
 
     def flush(self) -> bool:
         """Send the metrics not sent yet, oldest first; False when the server still refuses them."""
+        from mlflow.entities import Metric
+
         while self.unsent:
-            metrics, step = self.unsent[0]
-            try:
-                super().log_metrics(metrics, step)
+            metrics, step, timestamp_ms = self.unsent[0]
+            try:  # the first attempt's timestamp: a batch the server stored before failing to answer is not
+                # stored twice (MLflow's SQL store drops a metric equal in key, step, value and timestamp)
+                self.experiment.log_batch(self.run_id, metrics=[Metric(key, float(value), timestamp_ms, step or 0)
+                                                                for key, value in metrics.items()])
             except Exception as exc:  # MLflow's own retries are spent: keep them for the next call
-                log.warning("MLflow server %s unreachable (%s): %d logging call(s) held back, sent when it returns",
-                            mask_password(self._tracking_uri or ""), type(exc).__name__, len(self.unsent))
+                log.warning("MLflow server %s unreachable (%s: %s): %d logging call(s) held back, sent when it "
+                            "returns", mask_password(self._tracking_uri or ""), type(exc).__name__,
+                            mask_password(str(exc))[:300], len(self.unsent))
                 return False
             self.unsent.pop(0)
         return True
@@ -141,10 +148,10 @@ class StageLogger(MLFlowLogger):
     def finalize(self, status: str = "success") -> None:
         if self.flush() or self.unsent_file is None:
             return
-        steps = sorted({step or 0 for _, step in self.unsent})
+        steps = sorted({step or 0 for _, step, _ in self.unsent})
         with open(self.unsent_file, "a") as f:
-            for metrics, step in self.unsent:
-                f.write(json.dumps({"step": step, "metrics": metrics, "time": time.time()}) + "\n")
+            for metrics, step, timestamp_ms in self.unsent:
+                f.write(json.dumps({"step": step, "metrics": metrics, "time": timestamp_ms / 1000}) + "\n")
         log.warning("%d logging call(s) (steps %s) never reached MLflow; they are in %s", len(self.unsent), steps,
                     self.unsent_file)
         try:
