@@ -1,7 +1,8 @@
 """What a run records for a researcher beyond the loss: MLflow's system metrics, started and stopped with the
-stage's run (`mlflow.system_metrics`), the interval metrics' arithmetic, metrics held back by a tracking outage, and the report's training plots read
-back from those records. The metric names of a real run are checked in tests/test_run_experiment.py (the
-end-to-end run), the switch event in tests/test_training_plateau.py. One MLflow store serves the module."""
+stage's run (`mlflow.system_metrics`), the interval metrics' arithmetic, metrics held back by a tracking outage,
+and the report's training plots read back from those records. The metric names of a real run are checked in
+tests/test_run_experiment.py (the end-to-end run), the switch event in tests/test_training_plateau.py, a real
+tracking server's outage in tests/test_cluster.py. One MLflow store serves the module."""
 
 from __future__ import annotations
 
@@ -14,7 +15,12 @@ import pytest
 from illada_lightning import runs
 from illada_lightning.config import ConfigError
 from illada_lightning.training.callbacks import mask_ratio_metrics
-from illada_lightning.training.tracking import MISSING_STEPS_TAG, Tracker, check_tracking_uri, system_metrics_on
+from illada_lightning.training.tracking import (
+    MISSING_STEPS_TAG,
+    Tracker,
+    check_tracking_uri,
+    system_metrics_on,
+)
 from tests.test_run_experiment import small_config
 
 

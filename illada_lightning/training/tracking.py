@@ -112,10 +112,10 @@ class StageLogger(MLFlowLogger):
     - Outages: MLflow's client retries each request for about 4 minutes (`MLFLOW_HTTP_REQUEST_MAX_RETRIES`, 7
       with backoff), so a server down for less than that delays the logging call and loses nothing. Past that,
       the metrics of the failed call are kept and sent again before the next call, with their first attempt's
-      timestamp (a batch the server stored before it died unanswered is then dropped as equal, not stored twice:
-      seen as a duplicated step in CI before); whatever is still unsent
-      when the stage ends is written to `<stage dir>/mlflow_unsent_metrics.jsonl` and its steps are named in
-      the run's tag `illada.metrics_missing_steps` (and in a warning), so a reader of the run sees what is missing.
+      timestamp (a batch the server stored before dying unanswered is then dropped as equal, not stored twice);
+      whatever is still unsent when the stage ends is written to `<stage dir>/mlflow_unsent_metrics.jsonl` and
+      its steps are named in the run's tag `illada.metrics_missing_steps` (and in a warning), so a reader of the
+      run sees what is missing.
     """
 
     def __init__(self, *args, unsent_file: Path | None = None, **kwargs):
