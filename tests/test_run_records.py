@@ -178,7 +178,9 @@ def test_a_gpu_run_logs_mfu_memory_the_gemm_rate_and_system_metrics(tmp_path, mo
 
 def _outage_logger(tmp_path: Path, fail: list[str]):
     """A stage logger on a SQLite store whose `log_batch` fails as `fail` says, call by call: "lost" (the request
-    never arrives), "stored" (the store keeps the batch, the answer is lost: a server killed mid-request)."""
+    never arrives), "stored" (the store keeps the batch, the answer is lost: a server killed mid-request),
+    "refused" (the server answers 400)."""
+    from mlflow.exceptions import RestException
     from mlflow.tracking import MlflowClient
 
     from illada_lightning.training.tracking import StageLogger
@@ -192,6 +194,8 @@ def _outage_logger(tmp_path: Path, fail: list[str]):
 
     def flaky(*args, **kwargs):
         how = fail.pop(0) if fail else None
+        if how == "refused":
+            raise RestException({"error_code": "INVALID_PARAMETER_VALUE", "message": "a metric it will not take"})
         if how == "stored":
             send(*args, **kwargs)
         if how:
@@ -220,3 +224,14 @@ def test_metrics_still_unsent_at_the_end_are_kept_in_a_file_and_named_on_the_run
     assert [(k["step"], k["metrics"]) for k in kept] == [(0, {"train/loss": 4.0}), (1, {"train/loss": 3.0})]
     assert client.get_run(run_id).data.tags[MISSING_STEPS_TAG] == "0,1"
     assert client.get_metric_history(run_id, "train/loss") == []
+
+
+def test_a_batch_the_server_refuses_is_set_aside_and_never_holds_back_the_next(tmp_path):
+    logger, client, run_id = _outage_logger(tmp_path, [None, "refused"])
+    for step in range(4):
+        logger.log_metrics({"train/loss": 5.0 - step}, step=step)
+    assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [0, 2, 3] and not logger.unsent
+    logger.finalize()
+    kept = [json.loads(line) for line in (tmp_path / "unsent.jsonl").read_text().splitlines()]
+    assert [(k["step"], k["metrics"]) for k in kept] == [(1, {"train/loss": 4.0})]
+    assert client.get_run(run_id).data.tags[MISSING_STEPS_TAG] == "1"

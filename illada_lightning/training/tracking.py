@@ -112,15 +112,17 @@ class StageLogger(MLFlowLogger):
     - Outages: MLflow's client retries each request for about 4 minutes (`MLFLOW_HTTP_REQUEST_MAX_RETRIES`, 7
       with backoff), so a server down for less than that delays the logging call and loses nothing. Past that,
       the metrics of the failed call are kept and sent again before the next call, with their first attempt's
-      timestamp (a batch the server stored before dying unanswered is then dropped as equal, not stored twice);
-      whatever is still unsent when the stage ends is written to `<stage dir>/mlflow_unsent_metrics.jsonl` and
-      its steps are named in the run's tag `illada.metrics_missing_steps` (and in a warning), so a reader of the
-      run sees what is missing.
+      timestamp (a batch the server stored before dying unanswered is then dropped as equal, not stored twice).
+      A call the server refuses (HTTP 4xx) is set aside instead, so it never holds back the calls after it.
+      Whatever is still unsent or refused when the stage ends is written to
+      `<stage dir>/mlflow_unsent_metrics.jsonl` and its steps are named in the run's tag
+      `illada.metrics_missing_steps` (and in a warning), so a reader of the run sees what is missing.
     """
 
     def __init__(self, *args, unsent_file: Path | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.unsent: list[tuple[dict[str, float], int | None, int]] = []  # metrics, step, time (ms)
+        self.refused: list[tuple[dict[str, float], int | None, int]] = []  # what the server answered 4xx to
         self.unsent_file = unsent_file
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
@@ -137,7 +139,13 @@ class StageLogger(MLFlowLogger):
                 # stored twice (MLflow's SQL store drops a metric equal in key, step, value and timestamp)
                 self.experiment.log_batch(self.run_id, metrics=[Metric(key, float(value), timestamp_ms, step or 0)
                                                                 for key, value in metrics.items()])
-            except Exception as exc:  # MLflow's own retries are spent: keep them for the next call
+            except Exception as exc:
+                if refused_by_server(exc):  # sending it again cannot help: keep it aside, go on with the rest
+                    log.warning("MLflow server refused the metrics of step %s (%s); they go to %s at the end",
+                                step, mask_password(str(exc))[:300], self.unsent_file)
+                    self.refused.append(self.unsent.pop(0))
+                    continue
+                # MLflow's own retries are spent: keep them for the next call
                 log.warning("MLflow server %s unreachable (%s: %s): %d logging call(s) held back, sent when it "
                             "returns", mask_password(self._tracking_uri or ""), type(exc).__name__,
                             mask_password(str(exc))[:300], len(self.unsent))
@@ -146,19 +154,30 @@ class StageLogger(MLFlowLogger):
         return True
 
     def finalize(self, status: str = "success") -> None:
-        if self.flush() or self.unsent_file is None:
+        self.flush()
+        lost = sorted(self.refused + self.unsent, key=lambda call: call[2])
+        if not lost or self.unsent_file is None:
             return
-        steps = sorted({step or 0 for _, step, _ in self.unsent})
+        steps = sorted({step or 0 for _, step, _ in lost})
         with open(self.unsent_file, "a") as f:
-            for metrics, step, timestamp_ms in self.unsent:
+            for metrics, step, timestamp_ms in lost:
                 f.write(json.dumps({"step": step, "metrics": metrics, "time": timestamp_ms / 1000}) + "\n")
-        log.warning("%d logging call(s) (steps %s) never reached MLflow; they are in %s", len(self.unsent), steps,
+        log.warning("%d logging call(s) (steps %s) never reached MLflow; they are in %s", len(lost), steps,
                     self.unsent_file)
         try:
             self.experiment.set_tag(self.run_id, MISSING_STEPS_TAG, ",".join(map(str, steps))[:5000])
         except Exception:  # still down: the file and the warning say it
             pass
-        self.unsent = []
+        self.unsent, self.refused = [], []
+
+
+def refused_by_server(exc: Exception) -> bool:
+    """The server answered and refused the request (an HTTP 4xx other than 429, too many requests): a resend
+    gets the same answer. An unreachable server raises other errors, and those are worth a resend."""
+    from mlflow.exceptions import RestException
+
+    return isinstance(exc, RestException) and 400 <= exc.get_http_status_code() < 500 and \
+        exc.get_http_status_code() != 429
 
 
 class Tracker:
