@@ -126,7 +126,8 @@ class StageLogger(MLFlowLogger):
         self.unsent_file = unsent_file
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        self.unsent.append((dict(metrics), step, int(time.time() * 1000)))
+        numbers = {key: float(value) for key, value in metrics.items() if not isinstance(value, str)}  # as Lightning
+        self.unsent.append((numbers, step, int(time.time() * 1000)))
         self.flush()
 
     def flush(self) -> bool:
@@ -137,7 +138,7 @@ class StageLogger(MLFlowLogger):
             metrics, step, timestamp_ms = self.unsent[0]
             try:  # the first attempt's timestamp: a batch the server stored before failing to answer is not
                 # stored twice (MLflow's SQL store drops a metric equal in key, step, value and timestamp)
-                self.experiment.log_batch(self.run_id, metrics=[Metric(key, float(value), timestamp_ms, step or 0)
+                self.experiment.log_batch(self.run_id, metrics=[Metric(key, value, timestamp_ms, step or 0)
                                                                 for key, value in metrics.items()])
             except Exception as exc:
                 if refused_by_server(exc):  # sending it again cannot help: keep it aside, go on with the rest
