@@ -18,6 +18,7 @@ from illada_lightning.diffusion.likelihood import (
     stratified_mask_counts,
 )
 from illada_lightning.diffusion.scoring import score_batch, score_choices
+from tests.test_sampler import Recorder
 
 MASK = 3
 
@@ -26,16 +27,6 @@ MASK = 3
 def model():
     torch.manual_seed(0)
     return build_model("tiny", n_layers=2, init_std=0.1, attention_backend="sdpa").double().eval()
-
-
-class Recorder(nn.Module):
-    def __init__(self, inner):
-        super().__init__()
-        self.inner, self.config, self.calls = inner, inner.config, []
-
-    def forward(self, ids, cu_seqlens=None, max_seqlen=None):
-        self.calls.append((ids.clone(), cu_seqlens.clone()))
-        return self.inner(ids, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
 
 
 @torch.no_grad()
