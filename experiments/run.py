@@ -142,6 +142,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config is valid: stage={cfg.stage} strategy={cfg.strategy} devices={cfg.devices} "
               f"num_nodes={cfg.num_nodes} resume={cfg.resume} run_dir={cfg.resolved_run_dir}")
         return 0
+    from illada_lightning.training.input_paths import missing_input
+
+    missing = missing_input(cfg)
+    if missing:  # answered before the seconds of importing torch
+        print(f"error: {missing}", file=sys.stderr)
+        return 2
     from illada_lightning.experiment.run import run_experiment
     from illada_lightning.training.experiment import TrainingInterrupted, is_rank_zero
 

@@ -48,6 +48,10 @@ def test_help_answers_without_importing_torch(module):
 
 TYPOS = [
     ("experiments.run", ["pretrain.max_stpes=3"], "pretrain.max_stpes"),
+    ("experiments.run", ["stage=sft", "init_from=/nonexistent/ckpt"], "init_from=/nonexistent/ckpt"),
+    ("experiments.run", ["tokenizer.path=/nonexistent/tok"], "tokenizer.path=/nonexistent/tok"),
+    ("experiments.run", ["sft.data.train_files=[/nonexistent/train.jsonl]"], "/nonexistent/train.jsonl"),
+    ("experiments.run", ["stage=pretrain", "pretrain.data.val_files=[nothere.txt]"], "pretrain.data.val_files"),
     ("experiments.evaluate", ["ckpt=runs/x", "tasks=[synthetc]"], "synthetc"),
     ("experiments.evaluate", ["ckpt=/nonexistent/run", "tasks=[synthetic]"], "/nonexistent/run"),
     ("experiments.inspect", ["model.n_layerz=3"], "model.n_layerz"),
