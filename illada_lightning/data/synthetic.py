@@ -126,7 +126,8 @@ def make_example(rng: random.Random, kind: str, digits: int = 2) -> dict:
 
 
 def _draw(n: int, what: str, draw, seen: set[str], key) -> list[dict]:
-    """`n` distinct draws (by `key`) of `draw(i)` that are not None; bounded so a small space fails clearly."""
+    """`n` draws of `draw(i)` that are not None, distinct by `key` and not in `seen` (`key` None: repeats
+    allowed); bounded so a small space fails clearly."""
     out: list[dict] = []
     attempts = 0
     while len(out) < n:
@@ -135,9 +136,11 @@ def _draw(n: int, what: str, draw, seen: set[str], key) -> list[dict]:
             raise ValueError(f"cannot draw {n} distinct {what}: the problem space is too small "
                              f"(raise digits, add kinds, or ask for fewer)")
         example = draw(len(out))
-        if example is not None and key(example) not in seen:
+        if example is None or (key is not None and key(example) in seen):
+            continue
+        if key is not None:
             seen.add(key(example))
-            out.append(example)
+        out.append(example)
     return out
 
 
@@ -156,8 +159,7 @@ def make_arithmetic_examples(n: int, seed: int, kinds: Sequence[str] = SHIPPED_K
         return example if split is None or example["split"] == split else None
 
     what = f"examples of kinds {list(kinds)} with {digits} digits" + (f" in the {split} split" if split else "")
-    drawn = iter(range(2**62))
-    return _draw(n, what, draw, set(exclude or ()), key=(lambda e: e["prompt"]) if distinct else (lambda e: next(drawn)))
+    return _draw(n, what, draw, set(exclude or ()), key=(lambda e: e["prompt"]) if distinct else None)
 
 
 def make_dialogues(n: int, seed: int, exclude: set[str] | None = None, *, digits: int = 2,
