@@ -27,42 +27,38 @@ LOSS_NOTE = ("Final losses as training logged them (lower is better); a setting 
 PRIMARY_ORDER = ("acc", "exact_match", "acc_norm", "accuracy", "em", "f1")
 EVAL_KEY = re.compile(r"^eval/([^/]+)/([^/]+)$")
 
-# Which paper table a swept key mirrors (matched on the key's last component).
-TITLES = (
-    ("scoring_rule", "Scoring rule × task (layout of iLLaDA Table 4)"),
-    ("scoring.rule", "Scoring rule × task (layout of iLLaDA Table 4)"),
-    ("sampler.cache", "Decoding cache × threshold × task (Fast-dLLM-style speed/quality trade-off)"),
-    ("block_length", "Block length × task (layout of LLaDA Table 7)"),
-    ("remasking", "Remasking strategy × task (layout of LLaDA Table 9)"),
-    ("epochs", "SFT epochs × task (the numbers behind iLLaDA Fig. 1)"),
-    ("masking", "SFT masking × task (iLLaDA §2.2 whole window vs LLaDA §2.3 response only)"),
-)
-
-# What the paper found for that table, printed beside ours (same matching as TITLES).
-PAPER_FINDINGS = (
-    ("scoring.rule", "iLLaDA Table 4 (8B base): confidence scoring beats likelihood on every task, by 0.6-2.3 "
-                     "points (PIQA 78.5 vs 77.2, ARC-C 60.8 vs 60.2, HellaSwag 76.6 vs 74.3)."),
-    ("scoring_rule", "iLLaDA Table 4 (8B base): confidence scoring beats likelihood on every task, by 0.6-2.3 "
-                     "points (PIQA 78.5 vs 77.2, ARC-C 60.8 vs 60.2, HellaSwag 76.6 vs 74.3)."),
-    ("sampler.cache", "Fast-dLLM (Wu et al. 2025): the block cache and confidence-threshold parallel decoding "
-                      "speed generation up several-fold at about the same accuracy; lower thresholds trade "
-                      "accuracy for speed."),
-    ("block_length", "LLaDA Table 7 (8B base): with LLaDA's block sampling, block lengths 2-32 stay within about "
-                     "a point of each other on BBH/GSM8K/Math (GSM8K 70.0-70.3); pure diffusion is best overall "
-                     "(GSM8K 70.3, HumanEval 35.4 against 26.2-32.3)."),
-    ("remasking", "LLaDA Table 9: low-confidence remasking consistently outperforms random remasking (GSM8K 70.0 vs "
-                  "21.3, BBH 45.0 vs 32.1)."),
-    ("epochs", "iLLaDA Fig. 1: accuracy generally improves with more SFT epochs, up to the 12 they trained."),
-    ("masking", "iLLaDA §2.2 masks the whole window (prompt, response and EOS), as in pre-training, for its 8B "
-                "model; the paper reports no ablation against LLaDA's response-only masking."),
+SCORING_RULE = ("Scoring rule × task (layout of iLLaDA Table 4)",
+                "iLLaDA Table 4 (8B base): confidence scoring beats likelihood on every task, by 0.6-2.3 points "
+                "(PIQA 78.5 vs 77.2, ARC-C 60.8 vs 60.2, HellaSwag 76.6 vs 74.3).")
+# Which paper table a swept key mirrors (matched on the key's last component, or its end): its title, and what
+# the paper found there, printed beside ours.
+ABLATIONS = (
+    ("scoring_rule", *SCORING_RULE),
+    ("scoring.rule", *SCORING_RULE),
+    ("sampler.cache", "Decoding cache × threshold × task (Fast-dLLM-style speed/quality trade-off)",
+     "Fast-dLLM (Wu et al. 2025): the block cache and confidence-threshold parallel decoding speed generation up "
+     "several-fold at about the same accuracy; lower thresholds trade accuracy for speed."),
+    ("block_length", "Block length × task (layout of LLaDA Table 7)",
+     "LLaDA Table 7 (8B base): with LLaDA's block sampling, block lengths 2-32 stay within about a point of each "
+     "other on BBH/GSM8K/Math (GSM8K 70.0-70.3); pure diffusion is best overall (GSM8K 70.3, HumanEval 35.4 "
+     "against 26.2-32.3)."),
+    ("remasking", "Remasking strategy × task (layout of LLaDA Table 9)",
+     "LLaDA Table 9: low-confidence remasking consistently outperforms random remasking (GSM8K 70.0 vs 21.3, BBH "
+     "45.0 vs 32.1)."),
+    ("epochs", "SFT epochs × task (the numbers behind iLLaDA Fig. 1)",
+     "iLLaDA Fig. 1: accuracy generally improves with more SFT epochs, up to the 12 they trained."),
+    ("masking", "SFT masking × task (iLLaDA §2.2 whole window vs LLaDA §2.3 response only)",
+     "iLLaDA §2.2 masks the whole window (prompt, response and EOS), as in pre-training, for its 8B model; the "
+     "paper reports no ablation against LLaDA's response-only masking."),
 )
 
 
-def paper_finding(keys: list[str]) -> str:
-    for needle, finding in PAPER_FINDINGS:
+def paper_ablation(keys: list[str]) -> tuple[str, str] | None:
+    """(title, what the paper found) of the paper table the swept `keys` mirror; None: no paper table."""
+    for needle, title, finding in ABLATIONS:
         if any(k.rsplit(".", 1)[-1] == needle or k.endswith(needle) for k in keys):
-            return finding
-    return ""
+            return title, finding
+    return None
 
 
 @dataclass
@@ -205,10 +201,10 @@ def title_for(keys: list[str], metric: str | None = None) -> str:
     """The paper table a swept key mirrors; `metric` (no task columns: a loss) titles `val/loss by <keys>`."""
     if metric:
         return f"`{metric}` by {' × '.join(keys)}"
-    for needle, title in TITLES:
-        if any(k.rsplit(".", 1)[-1] == needle or k.endswith(needle) for k in keys):
-            return title if len(keys) == 1 else f"{title}, by {', '.join(keys)}"
-    return f"{' × '.join(keys)} × task"
+    ablation = paper_ablation(keys)
+    if ablation is None:
+        return f"{' × '.join(keys)} × task"
+    return ablation[0] if len(keys) == 1 else f"{ablation[0]}, by {', '.join(keys)}"
 
 
 def ablation_table(trials: list[RunRecord], keys: list[str], objective: str | None = None) -> Table:
@@ -238,7 +234,7 @@ def ablation_table(trials: list[RunRecord], keys: list[str], objective: str | No
     if seeds and max_n > 1:
         note += f" Rows with several runs (over {', '.join(seeds)}; count in the last column): their mean."
     return Table(title_for(dims or keys, objective if loss_only else None), header, rows, note,
-                 "" if loss_only else paper_finding(dims or keys))
+                 "" if loss_only else (paper_ablation(dims or keys) or ("", ""))[1])
 
 
 def setting_estimates(trials: list[RunRecord], keys: list[str], key: str, metric: str) -> list[tuple[str, Estimate]]:
