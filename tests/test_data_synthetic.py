@@ -19,25 +19,23 @@ from illada_lightning.data.synthetic import (
 REPO = Path(__file__).resolve().parents[1]
 
 
-ARITHMETIC = ("add", "sub", "mul", "word")
+def problem(example):
+    """(op, operands) of a single-turn example, read from its wording alone, as the split hash sees it."""
+    p = example["prompt"]
+    numbers = [int(x) for x in re.findall(r"\d+", p)]
+    if p.startswith("Repeat "):
+        return "=", numbers[0], 0
+    if p.startswith("What number comes after"):
+        return "+", numbers[0], 1
+    a, b = numbers
+    op = "max" if "larger" in p else "*" if "*" in p or "bags" in p else "-" if re.search(r" - |gives|lost", p) else "+"
+    return (op, a, b) if op == "-" else (op, min(a, b), max(a, b))
 
 
 def check_answer(example):
     """Recompute the answer from the prompt text alone."""
-    p = example["prompt"]
-    numbers = [int(x) for x in re.findall(r"\d+", p)]
-    if p.startswith("Repeat "):
-        return str(numbers[0])
-    if p.startswith("What number comes after"):
-        return str(numbers[0] + 1)
-    if p.startswith("Which is larger"):
-        return str(max(numbers))
-    if m := re.fullmatch(r"What is (\d+) ([-+*]) (\d+)\?", p):
-        a, op, b = int(m[1]), m[2], int(m[3])
-    else:
-        a, b = (int(x) for x in re.findall(r"\d+", p))
-        op = "*" if "bags" in p else "-" if re.search(r"gives|lost", p) else "+"
-    return str({"+": a + b, "-": a - b, "*": a * b}[op])
+    op, a, b = problem(example)
+    return str({"=": a, "+": a + b, "-": a - b, "*": a * b, "max": max(a, b)}[op])
 
 
 def test_examples_are_seeded_distinct_and_correct():
@@ -64,19 +62,6 @@ def test_dialogues_are_two_turn_and_consistent():
         assert a1["content"] == str(x + y)
         c = int(re.findall(r"\d+", user2["content"])[0])
         assert a2["content"] == d["answer"] == str(x + y + c if "add" in user2["content"] else x + y - c)
-
-
-def problem(example):
-    """(op, operands) of a single-turn example, read from its wording alone, as the split hash sees it."""
-    p = example["prompt"]
-    numbers = [int(x) for x in re.findall(r"\d+", p)]
-    if p.startswith("Repeat "):
-        return "=", numbers[0], 0
-    if p.startswith("What number comes after"):
-        return "+", numbers[0], 1
-    a, b = numbers
-    op = "max" if "larger" in p else "*" if "*" in p or "bags" in p else "-" if re.search(r" - |gives|lost", p) else "+"
-    return (op, a, b) if op == "-" else (op, min(a, b), max(a, b))
 
 
 def test_splits_are_disjoint():
