@@ -15,8 +15,6 @@ URI="sqlite:///$ROOT/mlflow.db"
 if [[ "${EXAMPLE_SCALE:-gpu}" == cpu ]]; then
   EXP=experiments/configs/default.yaml
   TRAIN="progress_bar=false"  # the default job: SFT of the tiny model from random weights (~80 s)
-  INIT=""
-  MC_TASK=synthetic_choice
   LIMIT=200
 else
   # The small model on the family's harder mix (experiments/configs/small_family_gpu.yaml), its data generated here.
@@ -24,8 +22,6 @@ else
   [[ -f runs/family_data/train.jsonl ]] || python -m illada_lightning.data.synthetic --out runs/family_data \
     --kinds copy,next,max,add --digits 3 --n-train 40000 --n-valid 200 --n-test 300 --dialogue-fraction 0 --repeat-train
   TRAIN="sft.max_time=00:00:03:00,progress_bar=false"
-  INIT=""
-  MC_TASK=synthetic_choice
   LIMIT=300
 fi
 TRAIN=${EXAMPLE_TRAIN:-$TRAIN}          # e.g. a shorter pretraining when device time is short
@@ -38,7 +34,7 @@ python -m experiments.run "$EXP" name=example "runs_root=$ROOT" "mlflow.tracking
   preview.num_prompts=0
 has() { [[ " $SWEEPS " == *" $1 "* ]]; }
 has scoring_rule && python -m sweeps.run sweeps/scoring_rule.yaml "${common[@]}" "checkpoint=$CKPT" "output_dir=$ROOT/sweeps/scoring_rule" \
-  "evaluation.tasks=[$MC_TASK]" "evaluation.overrides=[limit=$LIMIT,scoring.mc_samples=32]"
+  "evaluation.tasks=[synthetic_choice]" "evaluation.overrides=[limit=$LIMIT,scoring.mc_samples=32]"
 if [[ -n "${EXAMPLE_GSM8K_LIMIT:-}" ]]; then  # GSM8K end to end through the generation path
   python -m experiments.evaluate "ckpt=$CKPT/sft" "tasks=[gsm8k]" "limit=$EXAMPLE_GSM8K_LIMIT" sampler.gen_length=64 \
     sampler.block_length=32 sampler.steps=64 "out=$ROOT/gsm8k" "tracking_uri=$URI"
@@ -50,7 +46,7 @@ has remasking && python -m sweeps.run sweeps/remasking.yaml "${common[@]}" "chec
 has decoding && python -m sweeps.run sweeps/decoding.yaml "${common[@]}" "checkpoint=$CKPT" "output_dir=$ROOT/sweeps/decoding" \
   "evaluation.tasks=[synthetic]" "evaluation.overrides=[limit=$LIMIT,sampler.gen_length=64,sampler.block_length=32,sampler.steps=64,sampler.parallel=threshold]"
 has sft_epochs && python -m sweeps.run sweeps/sft_epochs.yaml "${common[@]}" "output_dir=$ROOT/sweeps/sft_epochs" \
-  "overrides=[stage=sft,${INIT}progress_bar=false]" \
+  "overrides=[stage=sft,progress_bar=false]" \
   "evaluation.tasks=[synthetic]" "evaluation.overrides=[subset_size=$LIMIT,sampler.gen_length=32,sampler.block_length=32,sampler.steps=32]"
 [[ "${EXAMPLE_REPORTS:-1}" == 1 ]] || exit 0  # reports can also be made later from the MLflow store
 python -m reports.make --experiment illada-lightning --tracking-uri "$URI" --out-root "$OUT" || true
