@@ -177,8 +177,10 @@ def refused_by_server(exc: Exception) -> bool:
     gets the same answer. An unreachable server raises other errors, and those are worth a resend."""
     from mlflow.exceptions import RestException
 
-    return isinstance(exc, RestException) and 400 <= exc.get_http_status_code() < 500 and \
-        exc.get_http_status_code() != 429
+    if not isinstance(exc, RestException):
+        return False
+    status = exc.get_http_status_code()
+    return 400 <= status < 500 and status != 429
 
 
 class Tracker:
