@@ -131,7 +131,8 @@ class StageLogger(MLFlowLogger):
         self.flush()
 
     def flush(self) -> bool:
-        """Send the metrics not sent yet, oldest first; False when the server still refuses them."""
+        """Send the metrics not sent yet, oldest first; False while the server is unreachable (what it refuses is
+        set aside)."""
         from mlflow.entities import Metric
 
         while self.unsent:
